@@ -1,0 +1,190 @@
+"""`gated_delta_rule`: fla's `chunk_gated_delta_rule` interface over the recurrent and chunked paths."""
+
+import math
+
+import mlx.core as mx
+
+from .chunk import chunk_gated_delta
+from .recurrent import recurrent_gated_delta
+
+CHUNK_SIZES = (16, 32, 64)
+MODES = ("auto", "chunk", "recurrent")
+FLOAT_DTYPES = (mx.float32, mx.bfloat16, mx.float16)
+# mode="auto" takes the token loop up to this many tokens per sequence (decode, short prompts)
+RECURRENT_MAX_TOKENS = 16
+
+
+def _fail(name, expected, got):
+    raise ValueError(f"gated_delta_rule: `{name}` must be {expected}, got {got}")
+
+
+def _check_shape(name, x, expected):
+    if tuple(x.shape) != tuple(expected):
+        _fail(name, f"of shape {tuple(expected)}", tuple(x.shape))
+
+
+def _check_inputs(q, k, v, g, beta, initial_state, A_log, dt_bias, use_gate_in_kernel,
+                  state_v_first, cu_seqlens, chunk_size, mode):
+    for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
+        if not isinstance(x, mx.array):
+            _fail(name, "an mx.array", type(x).__name__)
+        if x.dtype not in FLOAT_DTYPES:
+            _fail(name, "float32, bfloat16 or float16", x.dtype)
+    if q.ndim != 4:
+        _fail("q", "4-D [B, T, H, K]", f"shape {tuple(q.shape)}")
+    B, T, H, K = q.shape
+    _check_shape("k", k, q.shape)
+    if v.ndim != 4 or tuple(v.shape[:2]) != (B, T):
+        _fail("v", f"4-D [B, T, HV, V] with B, T = {B}, {T}", f"shape {tuple(v.shape)}")
+    HV, V = v.shape[2], v.shape[3]
+    if HV % H != 0:
+        _fail("v", f"a number of value heads HV divisible by the {H} q/k heads", f"HV = {HV}")
+    if T == 0:
+        _fail("q", "at least one token (T >= 1)", "T = 0")
+    _check_shape("g", g, (B, T, HV))
+    _check_shape("beta", beta, (B, T, HV))
+    if use_gate_in_kernel:
+        if A_log is None:
+            _fail("A_log", "given when use_gate_in_kernel=True", None)
+        _check_shape("A_log", A_log, (HV,))
+        if dt_bias is not None:
+            _check_shape("dt_bias", dt_bias, (HV,))
+    if chunk_size not in CHUNK_SIZES:
+        _fail("chunk_size", f"one of {CHUNK_SIZES}", chunk_size)
+    if mode not in MODES:
+        _fail("mode", f"one of {MODES}", repr(mode))
+
+    seqs = [(0, T)] * B
+    if cu_seqlens is not None:
+        if B != 1:
+            _fail("q", "of batch size 1 when cu_seqlens is given (packed sequences)", f"B = {B}")
+        bounds = cu_seqlens.tolist() if isinstance(cu_seqlens, mx.array) else list(cu_seqlens)
+        if (len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != T
+                or any(b <= a for a, b in zip(bounds, bounds[1:]))):
+            _fail("cu_seqlens", f"strictly increasing offsets from 0 to T = {T}", bounds)
+        seqs = [(int(a), int(b)) for a, b in zip(bounds, bounds[1:])]
+    if initial_state is not None:
+        state_shape = (len(seqs), HV, V, K) if state_v_first else (len(seqs), HV, K, V)
+        layout = "[N, HV, V, K]" if state_v_first else "[N, HV, K, V]"
+        if tuple(initial_state.shape) != state_shape:
+            _fail("initial_state", f"{layout} = {state_shape}", tuple(initial_state.shape))
+    return seqs
+
+
+def l2_normalize(x, eps=1e-6):
+    return x * mx.rsqrt(mx.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def gate_from_parameters(a, A_log, dt_bias=None):
+    """fla's in-kernel gate g = -exp(A_log) * softplus(a + dt_bias), float32, softplus(x) = x above 20."""
+    x = a if dt_bias is None else a + dt_bias.astype(mx.float32)
+    softplus = mx.where(x > 20.0, x, mx.logaddexp(x, 0.0))
+    return -mx.exp(A_log.astype(mx.float32)) * softplus
+
+
+def _to_chunks(x, seqs, C, packed):
+    """[B, T, HV, ...] -> chunk-major [N, B, HV, C, ...]: each sequence zero-padded to a multiple of C.
+
+    Zero padding is inert: k = v = beta = 0 adds nothing to the state and g = 0 does not decay it.
+    """
+    B, T = x.shape[:2]
+    if packed:
+        index, valid = [], []
+        for s, e in seqs:
+            n = -(-(e - s) // C) * C
+            index += list(range(s, e)) + [0] * (n - (e - s))
+            valid += [1] * (e - s) + [0] * (n - (e - s))
+        valid = mx.array(valid, dtype=x.dtype).reshape((1, -1) + (1,) * (x.ndim - 2))
+        x = mx.take(x, mx.array(index), axis=1) * valid
+    else:
+        pad = -T % C
+        if pad:
+            x = mx.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    Tp = x.shape[1]
+    x = x.reshape((B, Tp // C, C) + x.shape[2:])
+    axes = (1, 0, 3, 2, 4) if x.ndim == 5 else (1, 0, 3, 2)
+    return mx.transpose(x, axes)
+
+
+def _from_chunks(o, seqs, T, packed):
+    """Chunk-major [N, B, HV, C, V] -> [B, T, HV, V] without the padding."""
+    N, B, HV, C, V = o.shape
+    o = mx.transpose(o, (1, 0, 3, 2, 4)).reshape(B, N * C, HV, V)
+    if not packed:
+        return o[:, :T]
+    index, start = [], 0
+    for s, e in seqs:
+        index += range(start, start + e - s)
+        start += -(-(e - s) // C) * C
+    return mx.take(o, mx.array(index), axis=1)
+
+
+def _segments(seqs, C, packed):
+    if not packed:
+        return ((0, -(-seqs[0][1] // C)),)
+    segments, n = [], 0
+    for s, e in seqs:
+        segments.append((n, n + -(-(e - s) // C)))
+        n = segments[-1][1]
+    return tuple(segments)
+
+
+def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
+                     use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False, A_log=None,
+                     dt_bias=None, use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False,
+                     state_v_first=False, cu_seqlens=None, chunk_size=64, mode="auto"):
+    """The gated delta rule with fla's `chunk_gated_delta_rule` arguments.
+
+    q, k: [B, T, H, K]; v: [B, T, HV, V] (HV a multiple of H; value head h reads q/k head
+    h // (HV / H)); g (log-space decay, or the raw gate input `a` with use_gate_in_kernel), beta:
+    [B, T, HV]. initial_state: [N, HV, K, V] ([N, HV, V, K] with state_v_first), N = B or the number
+    of packed sequences in cu_seqlens. allow_neg_eigval doubles beta (after the in-kernel sigmoid).
+    Returns (o [B, T, HV, V] in q's dtype, final float32 state or None).
+    """
+    seqs = _check_inputs(q, k, v, g, beta, initial_state, A_log, dt_bias, use_gate_in_kernel,
+                         state_v_first, cu_seqlens, chunk_size, mode)
+    out_dtype = q.dtype
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    q, k, v, g, beta = (x.astype(mx.float32) for x in (q, k, v, g, beta))
+    if use_qk_l2norm_in_kernel:
+        q, k = l2_normalize(q), l2_normalize(k)
+    if use_gate_in_kernel:
+        g = gate_from_parameters(g, A_log, dt_bias)
+    if use_beta_sigmoid_in_kernel:
+        beta = mx.sigmoid(beta)
+    if allow_neg_eigval:
+        beta = beta * 2.0
+    q = q * (K ** -0.5 if scale is None else scale)
+    if HV != H:
+        q, k = mx.repeat(q, HV // H, axis=2), mx.repeat(k, HV // H, axis=2)
+
+    if initial_state is None:
+        h0 = mx.zeros((len(seqs), HV, K, V), dtype=mx.float32)
+    else:
+        h0 = initial_state.astype(mx.float32)
+        if state_v_first:
+            h0 = mx.swapaxes(h0, -1, -2)
+
+    packed = cu_seqlens is not None
+    if mode == "auto":
+        mode = "recurrent" if max(e - s for s, e in seqs) <= RECURRENT_MAX_TOKENS else "chunk"
+    if mode == "recurrent":
+        outs, finals = [], []
+        for i, (s, e) in enumerate(seqs if packed else [(0, T)]):
+            h_i = h0[i:i + 1] if packed else h0
+            o_i, hT_i = recurrent_gated_delta(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e],
+                                              beta[:, s:e], h_i)
+            outs.append(o_i)
+            finals.append(hT_i)
+        o, hT = mx.concatenate(outs, axis=1), mx.concatenate(finals, axis=0)
+    else:
+        C = chunk_size
+        chunked = [_to_chunks(x, seqs, C, packed) for x in (q, k, v, g, beta)]
+        o, hT = chunk_gated_delta(*chunked, h0, _segments(seqs, C, packed))
+        o = _from_chunks(o, seqs, T, packed)
+
+    o = o.astype(out_dtype)
+    if not output_final_state:
+        return o, None
+    return o, mx.swapaxes(hT, -1, -2) if state_v_first else hT
