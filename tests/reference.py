@@ -67,3 +67,23 @@ def assert_close(name, ref, x, tol):
         return
     err = rms_rel(ref, x)
     assert err < tol, f"{name}: RMS-relative error {err:.3e} >= {tol:.1e}"
+
+
+def make_inputs(seed, B, T, H, HV, K, V=None, *, normalizer=1.0, mask_p=0.0, h0=False, n_states=None,
+                unit_k=True):
+    """Random inputs in fla's test style: g = logsigmoid(U(0,1)) / normalizer, zeroed with prob mask_p;
+    k rows of unit norm (as fla's tests make them) unless unit_k=False (for the in-kernel L2 norm)."""
+    V = K if V is None else V
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, T, H, K)).astype(np.float32)
+    k = rng.standard_normal((B, T, H, K)).astype(np.float32)
+    if unit_k:
+        k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    v = rng.standard_normal((B, T, HV, V)).astype(np.float32)
+    g = (-np.log1p(np.exp(-rng.uniform(0, 1, (B, T, HV)))) / normalizer).astype(np.float32)
+    g[rng.random(g.shape) < mask_p] = 0.0
+    beta = rng.uniform(0, 1, (B, T, HV)).astype(np.float32)
+    state = None
+    if h0:
+        state = rng.standard_normal((n_states or B, HV, K, V)).astype(np.float32)
+    return dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=state)

@@ -155,16 +155,17 @@ def chunk_backward(q, k, v, g, beta, segments, do, dhT, states, u, W, U, Tinv):
     dKb_k = mx.sum(dKb * k, axis=-1)  # cotangent of beta * e^gamma
     dbeta = mx.sum(dVb * v, axis=-1) + pc.eg * dKb_k + mx.sum(dA * pc.KKG, axis=-1)
 
-    # gamma enters through e^gamma (Qg, Kb), Gam (P, A), the tail decay (Kt) and the chunk decay
-    zP = dP * pc.P
-    zA = dA * pc.A
-    zt = mx.sum(dKt * Kt, axis=-1)
-    dgamma = (mx.sum(dQg * Qg, axis=-1) + mx.sum(zP, -1) - mx.sum(zP, -2) + mx.sum(zA, -1)
-              - mx.sum(zA, -2) + beta * pc.eg * dKb_k - zt)
-    dlast = mx.sum(zt, axis=-1) + pc.decay * mx.sum(states * dh_next, axis=(-2, -1))
-    last = mx.arange(q.shape[-2]) == q.shape[-2] - 1
-    dgamma = dgamma + mx.where(last, dlast[..., None], 0.0)
-    dg = mx.cumsum(dgamma, axis=-1, reverse=True)  # gamma = cumsum(g) within the chunk
+    # dg_t = sum_{s >= t} dgamma_s (gamma = cumsum(g) within the chunk). gamma enters through e^gamma
+    # (Qg, Kb), the chunk decay, and differences gamma_i - gamma_j (Gam in P and A, the tail decay in
+    # Kt). A difference term's suffix sum is a block sum with i >= t > j: summed in that form, not as
+    # rowsum - colsum, so nothing cancels in float32.
+    zKt = mx.sum(dKt * Kt, axis=-1)
+    dgamma = mx.sum(dQg * Qg, axis=-1) + beta * pc.eg * dKb_k
+    dchunk = pc.decay * mx.sum(states * dh_next, axis=(-2, -1))
+    rows_below = mx.cumsum(dP * pc.P + dA * pc.A, axis=-2, reverse=True)  # [t, j] = sum_{i >= t}
+    dg = (mx.cumsum(dgamma, axis=-1, reverse=True) + dchunk[..., None]
+          + mx.sum(mx.where(pc.strict, rows_below, 0.0), axis=-1)
+          + mx.cumsum(zKt, axis=-1) - zKt)
     return dq, dk, dv, dg, dbeta, dh0
 
 
