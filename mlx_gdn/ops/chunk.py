@@ -16,6 +16,8 @@ token), and runs the reverse scan for dh. Sequences of a packed batch (`segments
 consecutive chunks; the scans restart at each segment's first chunk.
 """
 
+import os
+
 import mlx.core as mx
 
 BASE_BLOCK = 16  # size of the diagonal blocks inverted by the nilpotent product
@@ -169,20 +171,59 @@ def chunk_backward(q, k, v, g, beta, segments, do, dhT, states, u, W, U, Tinv):
     return dq, dk, dv, dg, dbeta, dh0
 
 
+_cpu_streams = []
+
+
+def _over_head_groups(fn, inputs, head_axes, out_head_axes):
+    """Run fn on groups of value heads, one CPU stream (thread) per group, and concatenate.
+
+    MLX runs each CPU stream on its own thread but one GEMM on one core; heads are independent, so
+    splitting them over the cores is the parallelism the CPU build leaves on the table. On a GPU
+    (or one core) this is a plain call.
+    """
+    heads = inputs[0].shape[head_axes[0]]
+    parts = min(heads, os.cpu_count() or 1)
+    if mx.default_device() != mx.cpu or parts < 2:
+        return fn(*inputs)
+    while len(_cpu_streams) < parts:
+        _cpu_streams.append(mx.new_stream(mx.cpu))
+    bounds = [heads * i // parts for i in range(parts + 1)]
+    results = []
+    for stream, lo, hi in zip(_cpu_streams, bounds, bounds[1:]):
+        with mx.stream(stream):
+            part = [mx.take(x, mx.arange(lo, hi), axis=a) if a is not None else x
+                    for x, a in zip(inputs, head_axes)]
+            results.append(fn(*part))
+    return tuple(mx.concatenate(outs, axis=a) for outs, a in zip(zip(*results), out_head_axes))
+
+
+# value-head axis of each array: chunk-major inputs [N, B, HV, ...], states [S * B, HV, K, V]
+_IN_AXES = (2, 2, 2, 2, 2, 1)
+_FWD_OUT_AXES = (2, 1, 2, 2, 2, 2, 2)
+_BWD_OUT_AXES = (2, 2, 2, 2, 2, 1)
+
+
 def chunk_gated_delta(q, k, v, g, beta, h0, segments):
     """Chunked gated delta rule with its own VJP. Chunk-major inputs (see the module docstring);
     h0: [S * B, HV, K, V] for S segments. Returns (o [N, B, HV, C, V], final states like h0)."""
 
+    def forward(q, k, v, g, beta, h0):
+        return chunk_forward(q, k, v, g, beta, h0, segments)
+
+    def backward(q, k, v, g, beta, do, dhT, states, u, W, U, Tinv):
+        return chunk_backward(q, k, v, g, beta, segments, do, dhT, states, u, W, U, Tinv)
+
     @mx.custom_function
     def core(q, k, v, g, beta, h0):
-        return chunk_forward(q, k, v, g, beta, h0, segments)
+        return _over_head_groups(forward, (q, k, v, g, beta, h0), _IN_AXES, _FWD_OUT_AXES)
 
     @core.vjp
     def core_vjp(primals, cotangents, outputs):
         q, k, v, g, beta, _ = primals
         do, dhT = cotangents[0], cotangents[1]
         _, _, states, u, W, U, Tinv = outputs
-        return chunk_backward(q, k, v, g, beta, segments, do, dhT, states, u, W, U, Tinv)
+        return _over_head_groups(backward, (q, k, v, g, beta, do, dhT, states, u, W, U, Tinv),
+                                 _IN_AXES[:5] + (2, 1, 2, 2, 2, 2, 2), _BWD_OUT_AXES)
 
     o, hT, *_ = core(q, k, v, g, beta, h0)
     return o, hT
