@@ -1,8 +1,8 @@
 """The gated delta rule in chunks (WY/UT form), with a hand-written backward.
 
-Layout inside this module is chunk-major: q, k [N, B, HV, C, K]; v [N, B, HV, C, V]; g, beta
-[N, B, HV, C]; every batched matmul runs over (N, B, HV) at once and only the scan over the N
-chunks is sequential. Per chunk, with gamma the within-chunk cumsum of g and
+Layout inside this module is chunk-major: q, k [N * B, HV, C, K]; v [N * B, HV, C, V]; g, beta
+[N * B, HV, C, 1] (chunk n of batch row b at n * B + b); every batched matmul runs over all chunks
+and heads at once and only the scan over the N chunks is sequential. Per chunk, with gamma the within-chunk cumsum of g and
 Gam_ij = exp(gamma_i - gamma_j) (i >= j, else 0):
 
     A = strict_tril(diag(beta) (K K^T) * Gam)      Tinv = (I + A)^-1
@@ -32,15 +32,22 @@ def _mm_nt(a, b):
     return a @ mx.contiguous(_t(b))
 
 
+_mask_cache = {}
+
+
 def _masks(C):
-    i = mx.arange(C)
-    return i[:, None] >= i[None, :], i[:, None] > i[None, :]
+    """(i >= j, i > j) as evaluated constants: reshaping a pending array would stall the streams."""
+    if C not in _mask_cache:
+        i = mx.arange(C)
+        _mask_cache[C] = (i[:, None] >= i[None, :], i[:, None] > i[None, :])
+        mx.eval(_mask_cache[C])
+    return _mask_cache[C]
 
 
 def _decay_matrix(gamma, incl):
-    # exp(gamma_i - gamma_j) on i >= j only: the exponent above the diagonal is replaced *before* exp,
-    # so no inf is formed and nothing masked is ever multiplied.
-    diff = gamma[..., :, None] - gamma[..., None, :]
+    # exp(gamma_i - gamma_j) on i >= j only (gamma a column [..., C, 1]): the exponent above the
+    # diagonal is replaced *before* exp, so no inf is formed and nothing masked is ever multiplied.
+    diff = gamma - _t(gamma)
     return mx.exp(mx.where(incl, diff, -mx.inf))
 
 
@@ -69,72 +76,81 @@ def invert_unit_lower(A):
 
 
 class _ChunkPieces:
-    """The per-chunk quantities both passes derive from q, k, v, g, beta (cheap to recompute)."""
+    """The per-chunk quantities both passes derive from q, k, v, g, beta (cheap to recompute).
 
-    def __init__(self, q, k, g, beta):
+    Per-token scalars are kept as columns [..., C, 1] and broadcast from there: MLX's CPU scheduler
+    waits for a pending input before reshaping it, which would serialise the per-core streams.
+    """
+
+    def __init__(self, q, k, v, g, beta):
         C = q.shape[-2]
         self.incl, self.strict = _masks(C)
-        self.gamma = mx.cumsum(g, axis=-1)
+        self.gamma = mx.cumsum(g, axis=-2)  # [..., C, 1]
         self.Gam = _decay_matrix(self.gamma, self.incl)
         self.eg = mx.exp(self.gamma)
-        glast = self.gamma[..., -1:]
+        glast = self.gamma[..., -1:, :]
         self.tail = mx.exp(glast - self.gamma)  # decay from each token to the chunk's end
-        self.decay = mx.exp(glast[..., 0])  # [N, B, HV]: decay across the whole chunk
+        self.decay = mx.exp(glast)  # [..., 1, 1]: decay across the whole chunk
         self.KKG = mx.where(self.strict, _mm_nt(k, k) * self.Gam, 0.0)
-        self.A = self.KKG * beta[..., None]
+        self.A = self.KKG * beta
         self.P = mx.where(self.incl, _mm_nt(q, k) * self.Gam, 0.0)
+        self.Tinv = invert_unit_lower(self.A)
+        self.W = self.Tinv @ (k * (beta * self.eg))
+        self.U = self.Tinv @ (v * beta)
+        self.Kt = k * self.tail
 
 
 def _scan_forward(W, U, Kt, decay, h0, segments):
-    """h_{n+1} = decay_n h_n + Kt_n^T (U_n - W_n h_n), restarting at each segment from h0."""
-    nb = W.shape[1]
+    """h_{n+1} = decay_n h_n + Kt_n^T (U_n - W_n h_n), restarting at each segment from h0.
+
+    Arrays are [N * nb, HV, ...] with chunk n's rows at n * nb ... (n + 1) * nb; so is h0 per segment.
+    """
+    nb = h0.shape[0] // len(segments)
     states, new_values, finals = [], [], []
     for s, (c0, c1) in enumerate(segments):
         h = h0[s * nb:(s + 1) * nb]
         for n in range(c0, c1):
+            rows = slice(n * nb, (n + 1) * nb)
             states.append(h)
-            u = U[n] - W[n] @ h
+            u = U[rows] - W[rows] @ h
             new_values.append(u)
-            h = decay[n][..., None, None] * h + _t(Kt[n]) @ u
+            h = decay[rows] * h + _t(Kt[rows]) @ u
         finals.append(h)
-    return mx.stack(states), mx.stack(new_values), mx.concatenate(finals)
+    return mx.concatenate(states), mx.concatenate(new_values), mx.concatenate(finals)
 
 
 def _scan_backward(PdO, QdO, Kt, W, decay, dhT, segments):
     """Reverse scan: du_n = PdO_n + Kt_n dh_{n+1};  dh_n = decay_n dh_{n+1} + QdO_n - W_n^T du_n."""
-    nb = W.shape[1]
-    N = W.shape[0]
+    nb = dhT.shape[0] // len(segments)
+    N = W.shape[0] // nb
     du, dh_next = [None] * N, [None] * N
     dh0 = [None] * len(segments)
     for s in range(len(segments) - 1, -1, -1):
         c0, c1 = segments[s]
         dh = dhT[s * nb:(s + 1) * nb]
         for n in range(c1 - 1, c0 - 1, -1):
+            rows = slice(n * nb, (n + 1) * nb)
             dh_next[n] = dh
-            du[n] = PdO[n] + Kt[n] @ dh
-            dh = decay[n][..., None, None] * dh + QdO[n] - _t(W[n]) @ du[n]
+            du[n] = PdO[rows] + Kt[rows] @ dh
+            dh = decay[rows] * dh + QdO[rows] - _t(W[rows]) @ du[n]
         dh0[s] = dh
-    return mx.stack(du), mx.stack(dh_next), mx.concatenate(dh0)
+    return mx.concatenate(du), mx.concatenate(dh_next), mx.concatenate(dh0)
 
 
 def chunk_forward(q, k, v, g, beta, h0, segments):
-    """Returns (o, final states, per-chunk start states, new values u, W, U, Tinv)."""
-    pc = _ChunkPieces(q, k, g, beta)
-    Tinv = invert_unit_lower(pc.A)
-    W = Tinv @ (k * (beta * pc.eg)[..., None])
-    U = Tinv @ (v * beta[..., None])
-    Kt = k * pc.tail[..., None]
-    states, u, hT = _scan_forward(W, U, Kt, pc.decay, h0, segments)
-    o = (q * pc.eg[..., None]) @ states + pc.P @ u
-    return o, hT, states, u, W, U, Tinv
+    """Returns (o, final states, per-chunk start states, new values u)."""
+    pc = _ChunkPieces(q, k, v, g, beta)
+    states, u, hT = _scan_forward(pc.W, pc.U, pc.Kt, pc.decay, h0, segments)
+    o = (q * pc.eg) @ states + pc.P @ u
+    return o, hT, states, u
 
 
-def chunk_backward(q, k, v, g, beta, segments, do, dhT, states, u, W, U, Tinv):
+def chunk_backward(q, k, v, g, beta, segments, do, dhT, states, u):
     """Gradients (dq, dk, dv, dg, dbeta, dh0) of chunk_forward's (o, hT)."""
-    pc = _ChunkPieces(q, k, g, beta)
-    Qg = q * pc.eg[..., None]
-    Kt = k * pc.tail[..., None]
-    du, dh_next, dh0 = _scan_backward(_t(pc.P) @ do, _t(Qg) @ do, Kt, W, pc.decay, dhT, segments)
+    pc = _ChunkPieces(q, k, v, g, beta)
+    Qg = q * pc.eg
+    du, dh_next, dh0 = _scan_backward(_t(pc.P) @ do, _t(Qg) @ do, pc.Kt, pc.W, pc.decay, dhT,
+                                      segments)
 
     # through u = U - W h and the state update h' = decay h + Kt^T u
     dW = -_mm_nt(du, states)
@@ -143,45 +159,45 @@ def chunk_backward(q, k, v, g, beta, segments, do, dhT, states, u, W, U, Tinv):
     dP = mx.where(pc.incl, _mm_nt(do, u), 0.0)
     # through W = Tinv Kb, U = Tinv Vb, Tinv = (I + A)^-1:  dA = -Tinv^T (dW Kb^T + dU Vb^T) Tinv^T
     # = -(dKb W^T + dVb U^T), with dKb = Tinv^T dW and dVb = Tinv^T dU.
-    dKb = _t(Tinv) @ dW
-    dVb = _t(Tinv) @ du
-    dA = mx.where(pc.strict, -(_mm_nt(dKb, W) + _mm_nt(dVb, U)), 0.0)
+    dKb = _t(pc.Tinv) @ dW
+    dVb = _t(pc.Tinv) @ du
+    dA = mx.where(pc.strict, -(_mm_nt(dKb, pc.W) + _mm_nt(dVb, pc.U)), 0.0)
 
     dPG = dP * pc.Gam  # cotangent of Q K^T
-    dKK = dA * pc.Gam * beta[..., None]  # cotangent of K K^T (strict lower)
-    dq = dQg * pc.eg[..., None] + dPG @ k
-    dk = (_t(dPG) @ q + dKt * pc.tail[..., None] + dKb * (beta * pc.eg)[..., None]
-          + (dKK + _t(dKK)) @ k)
-    dv = dVb * beta[..., None]
+    dKK = dA * pc.Gam * beta  # cotangent of K K^T (strict lower)
+    dq = dQg * pc.eg + dPG @ k
+    dk = _t(dPG) @ q + dKt * pc.tail + dKb * (beta * pc.eg) + (dKK + _t(dKK)) @ k
+    dv = dVb * beta
 
-    dKb_k = mx.sum(dKb * k, axis=-1)  # cotangent of beta * e^gamma
-    dbeta = mx.sum(dVb * v, axis=-1) + pc.eg * dKb_k + mx.sum(dA * pc.KKG, axis=-1)
+    dKb_k = mx.sum(dKb * k, axis=-1, keepdims=True)  # cotangent of beta * e^gamma
+    dbeta = (mx.sum(dVb * v, axis=-1, keepdims=True) + pc.eg * dKb_k
+             + mx.sum(dA * pc.KKG, axis=-1, keepdims=True))
 
     # dg_t = sum_{s >= t} dgamma_s (gamma = cumsum(g) within the chunk). gamma enters through e^gamma
     # (Qg, Kb), the chunk decay, and differences gamma_i - gamma_j (Gam in P and A, the tail decay in
     # Kt). A difference term's suffix sum is a block sum with i >= t > j: summed in that form, not as
     # rowsum - colsum, so nothing cancels in float32.
-    zKt = mx.sum(dKt * Kt, axis=-1)
-    dgamma = mx.sum(dQg * Qg, axis=-1) + beta * pc.eg * dKb_k
-    dchunk = pc.decay * mx.sum(states * dh_next, axis=(-2, -1))
+    zKt = mx.sum(dKt * pc.Kt, axis=-1, keepdims=True)
+    dgamma = mx.sum(dQg * Qg, axis=-1, keepdims=True) + beta * pc.eg * dKb_k
+    dchunk = pc.decay * mx.sum(states * dh_next, axis=(-2, -1), keepdims=True)
     rows_below = mx.cumsum(dP * pc.P + dA * pc.A, axis=-2, reverse=True)  # [t, j] = sum_{i >= t}
-    dg = (mx.cumsum(dgamma, axis=-1, reverse=True) + dchunk[..., None]
-          + mx.sum(mx.where(pc.strict, rows_below, 0.0), axis=-1)
-          + mx.cumsum(zKt, axis=-1) - zKt)
+    dg = (mx.cumsum(dgamma, axis=-2, reverse=True) + dchunk
+          + mx.sum(mx.where(pc.strict, rows_below, 0.0), axis=-1, keepdims=True)
+          + mx.cumsum(zKt, axis=-2) - zKt)
     return dq, dk, dv, dg, dbeta, dh0
 
 
 _cpu_streams = []
 
 
-def _over_head_groups(fn, inputs, head_axes, out_head_axes):
+def _over_head_groups(fn, inputs):
     """Run fn on groups of value heads, one CPU stream (thread) per group, and concatenate.
 
     MLX runs each CPU stream on its own thread but one GEMM on one core; heads are independent, so
     splitting them over the cores is the parallelism the CPU build leaves on the table. On a GPU
     (or one core) this is a plain call.
     """
-    heads = inputs[0].shape[head_axes[0]]
+    heads = inputs[0].shape[1]  # every array here is [rows, HV, ...]
     parts = min(heads, os.cpu_count() or 1)
     if mx.default_device() != mx.cpu or parts < 2:
         return fn(*inputs)
@@ -191,39 +207,29 @@ def _over_head_groups(fn, inputs, head_axes, out_head_axes):
     results = []
     for stream, lo, hi in zip(_cpu_streams, bounds, bounds[1:]):
         with mx.stream(stream):
-            part = [mx.take(x, mx.arange(lo, hi), axis=a) if a is not None else x
-                    for x, a in zip(inputs, head_axes)]
-            results.append(fn(*part))
-    return tuple(mx.concatenate(outs, axis=a) for outs, a in zip(zip(*results), out_head_axes))
-
-
-# value-head axis of each array: chunk-major inputs [N, B, HV, ...], states [S * B, HV, K, V]
-_IN_AXES = (2, 2, 2, 2, 2, 1)
-_FWD_OUT_AXES = (2, 1, 2, 2, 2, 2, 2)
-_BWD_OUT_AXES = (2, 2, 2, 2, 2, 1)
+            results.append(fn(*(x[:, lo:hi] for x in inputs)))
+    return tuple(mx.concatenate(outs, axis=1) for outs in zip(*results))
 
 
 def chunk_gated_delta(q, k, v, g, beta, h0, segments):
     """Chunked gated delta rule with its own VJP. Chunk-major inputs (see the module docstring);
-    h0: [S * B, HV, K, V] for S segments. Returns (o [N, B, HV, C, V], final states like h0)."""
+    h0: [S * B, HV, K, V] for S segments. Returns (o [N * B, HV, C, V], final states like h0)."""
 
     def forward(q, k, v, g, beta, h0):
         return chunk_forward(q, k, v, g, beta, h0, segments)
 
-    def backward(q, k, v, g, beta, do, dhT, states, u, W, U, Tinv):
-        return chunk_backward(q, k, v, g, beta, segments, do, dhT, states, u, W, U, Tinv)
+    def backward(q, k, v, g, beta, do, dhT, states, u):
+        return chunk_backward(q, k, v, g, beta, segments, do, dhT, states, u)
 
     @mx.custom_function
     def core(q, k, v, g, beta, h0):
-        return _over_head_groups(forward, (q, k, v, g, beta, h0), _IN_AXES, _FWD_OUT_AXES)
+        return _over_head_groups(forward, (q, k, v, g, beta, h0))
 
     @core.vjp
     def core_vjp(primals, cotangents, outputs):
-        q, k, v, g, beta, _ = primals
         do, dhT = cotangents[0], cotangents[1]
-        _, _, states, u, W, U, Tinv = outputs
-        return _over_head_groups(backward, (q, k, v, g, beta, do, dhT, states, u, W, U, Tinv),
-                                 _IN_AXES[:5] + (2, 1, 2, 2, 2, 2, 2), _BWD_OUT_AXES)
+        _, _, states, u = outputs
+        return _over_head_groups(backward, tuple(primals[:5]) + (do, dhT, states, u))
 
     o, hT, *_ = core(q, k, v, g, beta, h0)
     return o, hT

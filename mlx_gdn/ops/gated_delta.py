@@ -83,10 +83,13 @@ def gate_from_parameters(a, A_log, dt_bias=None):
 
 
 def _to_chunks(x, seqs, C, packed):
-    """[B, T, HV, ...] -> chunk-major [N, B, HV, C, ...]: each sequence zero-padded to a multiple of C.
+    """[B, T, HV, D] (or [B, T, HV] for g, beta -> D = 1) -> chunk-major [N * B, HV, C, D]: each
+    sequence zero-padded to a multiple of C.
 
     Zero padding is inert: k = v = beta = 0 adds nothing to the state and g = 0 does not decay it.
     """
+    if x.ndim == 3:
+        x = x[..., None]
     B, T = x.shape[:2]
     if packed:
         index, valid = [], []
@@ -94,22 +97,21 @@ def _to_chunks(x, seqs, C, packed):
             n = -(-(e - s) // C) * C
             index += list(range(s, e)) + [0] * (n - (e - s))
             valid += [1] * (e - s) + [0] * (n - (e - s))
-        valid = mx.array(valid, dtype=x.dtype).reshape((1, -1) + (1,) * (x.ndim - 2))
+        valid = mx.array(valid, dtype=x.dtype).reshape(1, -1, 1, 1)
         x = mx.take(x, mx.array(index), axis=1) * valid
     else:
         pad = -T % C
         if pad:
-            x = mx.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    Tp = x.shape[1]
-    x = x.reshape((B, Tp // C, C) + x.shape[2:])
-    axes = (1, 0, 3, 2, 4) if x.ndim == 5 else (1, 0, 3, 2)
-    return mx.transpose(x, axes)
+            x = mx.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)])
+    N = x.shape[1] // C
+    x = mx.transpose(x.reshape(B, N, C, x.shape[2], x.shape[3]), (1, 0, 3, 2, 4))
+    return x.reshape(N * B, x.shape[2], C, x.shape[4])
 
 
-def _from_chunks(o, seqs, T, packed):
-    """Chunk-major [N, B, HV, C, V] -> [B, T, HV, V] without the padding."""
-    N, B, HV, C, V = o.shape
-    o = mx.transpose(o, (1, 0, 3, 2, 4)).reshape(B, N * C, HV, V)
+def _from_chunks(o, seqs, T, B, packed):
+    """Chunk-major [N * B, HV, C, V] -> [B, T, HV, V] without the padding."""
+    NB, HV, C, V = o.shape
+    o = mx.transpose(o.reshape(NB // B, B, HV, C, V), (1, 0, 3, 2, 4)).reshape(B, -1, HV, V)
     if not packed:
         return o[:, :T]
     index, start = [], 0
@@ -182,7 +184,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
         C = chunk_size
         chunked = [_to_chunks(x, seqs, C, packed) for x in (q, k, v, g, beta)]
         o, hT = chunk_gated_delta(*chunked, h0, _segments(seqs, C, packed))
-        o = _from_chunks(o, seqs, T, packed)
+        o = _from_chunks(o, seqs, T, B, packed)
 
     o = o.astype(out_dtype)
     if not output_final_state:
