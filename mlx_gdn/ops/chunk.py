@@ -20,6 +20,8 @@ import os
 
 import mlx.core as mx
 
+from . import kernels
+
 BASE_BLOCK = 16  # size of the diagonal blocks inverted by the nilpotent product
 
 
@@ -140,7 +142,8 @@ def _scan_backward(PdO, QdO, Kt, W, decay, dhT, segments):
 def chunk_forward(q, k, v, g, beta, h0, segments):
     """Returns (o, final states, per-chunk start states, new values u)."""
     pc = _ChunkPieces(q, k, v, g, beta)
-    states, u, hT = _scan_forward(pc.W, pc.U, pc.Kt, pc.decay, h0, segments)
+    scan = _scan_forward if kernels.backend() == "ops" else kernels.scan_forward
+    states, u, hT = scan(pc.W, pc.U, pc.Kt, pc.decay, h0, segments)
     o = (q * pc.eg) @ states + pc.P @ u
     return o, hT, states, u
 
@@ -149,7 +152,8 @@ def chunk_backward(q, k, v, g, beta, segments, do, dhT, states, u):
     """Gradients (dq, dk, dv, dg, dbeta, dh0) of chunk_forward's (o, hT)."""
     pc = _ChunkPieces(q, k, v, g, beta)
     Qg = q * pc.eg
-    du, dh_next, dh0 = _scan_backward(_t(pc.P) @ do, _t(Qg) @ do, pc.Kt, pc.W, pc.decay, dhT,
+    scan = _scan_backward if kernels.backend() == "ops" else kernels.scan_backward
+    du, dh_next, dh0 = scan(_t(pc.P) @ do, _t(Qg) @ do, pc.Kt, pc.W, pc.decay, dhT,
                                       segments)
 
     # through u = U - W h and the state update h' = decay h + Kt^T u
@@ -199,7 +203,7 @@ def _over_head_groups(fn, inputs):
     """
     heads = inputs[0].shape[1]  # every array here is [rows, HV, ...]
     parts = min(heads, os.cpu_count() or 1)
-    if mx.default_device() != mx.cpu or parts < 2:
+    if mx.default_device() != mx.cpu or parts < 2 or kernels.backend() != "ops":
         return fn(*inputs)
     while len(_cpu_streams) < parts:
         _cpu_streams.append(mx.new_stream(mx.cpu))

@@ -4,6 +4,7 @@ import math
 
 import mlx.core as mx
 
+from . import kernels
 from .chunk import chunk_gated_delta
 from .recurrent import recurrent_gated_delta
 
@@ -145,48 +146,88 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     """
     seqs = _check_inputs(q, k, v, g, beta, initial_state, A_log, dt_bias, use_gate_in_kernel,
                          state_v_first, cu_seqlens, chunk_size, mode)
-    out_dtype = q.dtype
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
-    q, k, v, g, beta = (x.astype(mx.float32) for x in (q, k, v, g, beta))
-    if use_qk_l2norm_in_kernel:
-        q, k = l2_normalize(q), l2_normalize(k)
-    if use_gate_in_kernel:
-        g = gate_from_parameters(g, A_log, dt_bias)
-    if use_beta_sigmoid_in_kernel:
-        beta = mx.sigmoid(beta)
-    if allow_neg_eigval:
-        beta = beta * 2.0
-    q = q * (K ** -0.5 if scale is None else scale)
-    if HV != H:
-        q, k = mx.repeat(q, HV // H, axis=2), mx.repeat(k, HV // H, axis=2)
-
+    options = _Options(K ** -0.5 if scale is None else scale, use_qk_l2norm_in_kernel,
+                       use_gate_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval,
+                       A_log is not None, dt_bias is not None)
     if initial_state is None:
         h0 = mx.zeros((len(seqs), HV, K, V), dtype=mx.float32)
     else:
         h0 = initial_state.astype(mx.float32)
         if state_v_first:
             h0 = mx.swapaxes(h0, -1, -2)
+    # absent gate parameters travel as zeros so every path takes the same arguments
+    params = [mx.zeros((HV,)) if x is None else x.astype(mx.float32) for x in (A_log, dt_bias)]
 
     packed = cu_seqlens is not None
     if mode == "auto":
         mode = "recurrent" if max(e - s for s, e in seqs) <= RECURRENT_MAX_TOKENS else "chunk"
     if mode == "recurrent":
+        step = _recurrent_kernel if kernels.backend() != "ops" else _recurrent_ops
         outs, finals = [], []
         for i, (s, e) in enumerate(seqs if packed else [(0, T)]):
             h_i = h0[i:i + 1] if packed else h0
-            o_i, hT_i = recurrent_gated_delta(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e],
-                                              beta[:, s:e], h_i)
+            o_i, hT_i = step(options, q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], beta[:, s:e],
+                             h_i, *params)
             outs.append(o_i)
             finals.append(hT_i)
         o, hT = mx.concatenate(outs, axis=1), mx.concatenate(finals, axis=0)
     else:
         C = chunk_size
-        chunked = [_to_chunks(x, seqs, C, packed) for x in (q, k, v, g, beta)]
+        prepared = _prepare(options, q, k, v, g, beta, *params)
+        chunked = [_to_chunks(x, seqs, C, packed) for x in prepared]
         o, hT = chunk_gated_delta(*chunked, h0, _segments(seqs, C, packed))
-        o = _from_chunks(o, seqs, T, B, packed)
+        o = _from_chunks(o, seqs, T, B, packed).astype(q.dtype)
 
-    o = o.astype(out_dtype)
     if not output_final_state:
         return o, None
     return o, mx.swapaxes(hT, -1, -2) if state_v_first else hT
+
+
+class _Options:
+    def __init__(self, scale, l2norm, gate, beta_sigmoid, neg_eigval, has_A_log, has_dt_bias):
+        self.scale, self.l2norm, self.gate = scale, l2norm, gate
+        self.beta_sigmoid, self.neg_eigval, self.has_dt_bias = beta_sigmoid, neg_eigval, has_dt_bias
+
+
+def _prepare(opt, q, k, v, g, beta, A_log, dt_bias):
+    """The in-kernel options as MLX ops: float32, q/k L2 norm, gate, beta, scale, q/k to value heads."""
+    q, k, v, g, beta = (x.astype(mx.float32) for x in (q, k, v, g, beta))
+    if opt.l2norm:
+        q, k = l2_normalize(q), l2_normalize(k)
+    if opt.gate:
+        g = gate_from_parameters(g, A_log, dt_bias if opt.has_dt_bias else None)
+    if opt.beta_sigmoid:
+        beta = mx.sigmoid(beta)
+    if opt.neg_eigval:
+        beta = beta * 2.0
+    q = q * opt.scale
+    group = v.shape[2] // q.shape[2]
+    if group > 1:
+        q, k = mx.repeat(q, group, axis=2), mx.repeat(k, group, axis=2)
+    return q, k, v, g, beta
+
+
+def _recurrent_ops(opt, q, k, v, g, beta, h0, A_log, dt_bias):
+    o, hT = recurrent_gated_delta(*_prepare(opt, q, k, v, g, beta, A_log, dt_bias), h0)
+    return o.astype(q.dtype), hT
+
+
+def _recurrent_kernel(opt, q, k, v, g, beta, h0, A_log, dt_bias):
+    """The fused decode kernel; its gradient is that of the ops recurrence (decode needs none, but a
+    recurrent-mode call under mx.grad must still be right)."""
+
+    @mx.custom_function
+    def step(q, k, v, g, beta, h0, A_log, dt_bias):
+        return kernels.decode_step(q, k, v, g, beta, h0, scale=opt.scale, A_log=A_log,
+                                   dt_bias=dt_bias if opt.has_dt_bias else None, l2norm=opt.l2norm,
+                                   gate=opt.gate, beta_sigmoid=opt.beta_sigmoid,
+                                   neg_eigval=opt.neg_eigval)
+
+    @step.vjp
+    def step_vjp(primals, cotangents, outputs):
+        _, grads = mx.vjp(lambda *xs: _recurrent_ops(opt, *xs), list(primals), list(cotangents))
+        return tuple(grads)
+
+    return step(q, k, v, g, beta, h0, A_log, dt_bias)

@@ -1,0 +1,179 @@
+"""Every kernel in metal_kernels/ executed by the CPU emulator (tests/emulator): each against the MLX-ops
+path and the float64 oracle, then the whole op with the kernels in place of the ops scans."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import metal_kernels
+from emulator import EmulatedKernel, executed
+from mlx_gdn.ops import chunk, gated_delta_rule, kernels
+from reference import assert_close, gated_delta_reference, make_inputs, rms_rel
+
+FP32_TOL = 1e-5
+
+
+@pytest.fixture
+def emulated():
+    with kernels.use_factory("emulated", EmulatedKernel):
+        yield
+
+
+SCAN_CASES = [
+    # N, B, HV, C, K, V, segments (None: one per batch row)
+    (3, 2, 2, 16, 32, 32, None),
+    (4, 1, 3, 16, 60, 100, None),       # D not a multiple of 32, V not a multiple of the tile
+    (5, 1, 2, 32, 64, 48, ((0, 1), (1, 4), (4, 5))),  # varlen: three segments
+]
+
+
+@pytest.mark.parametrize("N,B,HV,C,K,V,segments", SCAN_CASES)
+def test_scan_kernels_match_ops(emulated, N, B, HV, C, K, V, segments):
+    segments = segments or ((0, N),)
+    S = len(segments)
+    rng = np.random.default_rng(N * K + V)
+    r = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32))
+    W, U, Kt = r(N * B, HV, C, K) * 0.1, r(N * B, HV, C, V), r(N * B, HV, C, K) * 0.1
+    decay = mx.array(rng.uniform(0.5, 1.0, (N * B, HV, 1, 1)).astype(np.float32))
+    h0 = r(S * B, HV, K, V)
+    ref = chunk._scan_forward(W, U, Kt, decay, h0, segments)
+    got = kernels.scan_forward(W, U, Kt, decay, h0, segments)
+    for name, a, b in zip(("states", "v_new", "h_final"), ref, got):
+        assert rms_rel(np.array(a), np.array(b)) <= FP32_TOL, name
+
+    PdO, QdO, dhT = r(N * B, HV, C, V), r(N * B, HV, K, V), r(S * B, HV, K, V)
+    ref = chunk._scan_backward(PdO, QdO, Kt, W, decay, dhT, segments)
+    got = kernels.scan_backward(PdO, QdO, Kt, W, decay, dhT, segments)
+    for name, a, b in zip(("du", "dh_next", "dh0"), ref, got):
+        assert rms_rel(np.array(a), np.array(b)) <= FP32_TOL, name
+
+
+OP_CASES = [
+    # B, T, H, HV, D, mask_p, kwargs
+    (2, 75, 2, 4, 32, 0.0, {}),
+    (1, 70, 1, 2, 60, 1.0, dict(chunk_size=16)),  # g = 0 everywhere, D = 60
+    (1, 40, 2, 2, 100, 0.3, dict(chunk_size=32, use_qk_l2norm_in_kernel=True)),
+]
+
+
+@pytest.mark.parametrize("B,T,H,HV,D,mask_p,kw", OP_CASES)
+def test_chunked_op_with_kernels_matches_oracle(emulated, B, T, H, HV, D, mask_p, kw):
+    data = make_inputs(T + D, B, T, H, HV, D, mask_p=mask_p, h0=True,
+                       unit_k=not kw.get("use_qk_l2norm_in_kernel", False))
+    oracle_kw = {n: x for n, x in kw.items() if n != "chunk_size"}
+    ro, rs = gated_delta_reference(**data, **oracle_kw)
+    arrays = {n: mx.array(x) for n, x in data.items()}
+    o, s = gated_delta_rule(**arrays, output_final_state=True, mode="chunk", **kw)
+    assert rms_rel(ro, np.array(o)) <= FP32_TOL and rms_rel(rs, np.array(s)) <= FP32_TOL
+
+
+def test_chunked_grads_with_kernels_match_ops(emulated):
+    data = make_inputs(5, 1, 50, 2, 4, 32, mask_p=0.3, h0=True)
+    names = ("q", "k", "v", "g", "beta", "initial_state")
+    w = mx.array(np.random.default_rng(1).standard_normal((1, 50, 4, 32)).astype(np.float32))
+
+    def grads():
+        def loss(*xs):
+            o, s = gated_delta_rule(**dict(zip(names, xs)), output_final_state=True, mode="chunk",
+                                    chunk_size=16)
+            return (o * w).sum() + s.sum()
+        return mx.grad(loss, argnums=list(range(6)))(*[mx.array(data[n]) for n in names])
+
+    got = grads()
+    with kernels.use_factory("ops", None):
+        ref = grads()
+    for n, a, b in zip(names, ref, got):
+        assert rms_rel(np.array(a), np.array(b)) <= FP32_TOL, n
+
+
+DECODE_CASES = [
+    # B, T, H, HV, K, V, options
+    (2, 1, 2, 4, 64, 64, dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+                              use_beta_sigmoid_in_kernel=True, dt_bias=True)),
+    (1, 3, 1, 1, 100, 60, dict(use_qk_l2norm_in_kernel=True)),
+    (1, 2, 2, 2, 60, 100, dict(use_beta_sigmoid_in_kernel=True, allow_neg_eigval=True,
+                               use_gate_in_kernel=True)),
+    (1, 4, 1, 2, 32, 32, {}),
+]
+
+
+@pytest.mark.parametrize("B,T,H,HV,K,V,opts", DECODE_CASES)
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+def test_decode_kernel_matches_oracle(emulated, B, T, H, HV, K, V, opts, dtype):
+    opts = dict(opts)
+    rng = np.random.default_rng(K + V + T)
+    data = make_inputs(K * T, B, T, H, HV, K, V, mask_p=0.2, h0=True,
+                       unit_k=not opts.get("use_qk_l2norm_in_kernel", False))
+    if opts.get("use_gate_in_kernel"):
+        data["g"] = rng.standard_normal(data["g"].shape).astype(np.float32)
+        opts["A_log"] = np.log(rng.uniform(1, 16, HV)).astype(np.float32)
+        if opts.pop("dt_bias", False):
+            opts["dt_bias"] = rng.standard_normal(HV).astype(np.float32)
+    if opts.get("use_beta_sigmoid_in_kernel"):
+        data["beta"] = rng.standard_normal(data["beta"].shape).astype(np.float32)
+    rounded = {n: (x if n == "initial_state" else np.array(mx.array(x).astype(dtype).astype(mx.float32)))
+               for n, x in data.items()}
+    ro, rs = gated_delta_reference(**rounded, **opts)
+    arrays = {n: mx.array(x) if n == "initial_state" else mx.array(x).astype(dtype)
+              for n, x in data.items()}
+    mx_opts = {n: mx.array(x) if isinstance(x, np.ndarray) else x for n, x in opts.items()}
+    o, s = gated_delta_rule(**arrays, output_final_state=True, mode="recurrent", **mx_opts)
+    assert o.dtype == dtype
+    tol = FP32_TOL if dtype == mx.float32 else 5e-3
+    assert_close("o", ro, np.array(o.astype(mx.float32)), tol)
+    assert_close("state", rs, np.array(s), tol)
+
+
+def test_decode_kernel_gradient_is_the_recurrence(emulated):
+    data = make_inputs(3, 1, 3, 1, 2, 32, h0=True)
+    names = ("q", "k", "v", "g", "beta", "initial_state")
+
+    def grads():
+        loss = lambda *xs: gated_delta_rule(**dict(zip(names, xs)), mode="recurrent")[0].sum()
+        return mx.grad(loss, argnums=list(range(6)))(*[mx.array(data[n]) for n in names])
+
+    got = grads()
+    with kernels.use_factory("ops", None):
+        ref = grads()
+    for n, a, b in zip(names, ref, got):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-6, err_msg=n)
+
+
+def test_emulator_catches_a_missing_barrier():
+    # thread 0 reads what thread 1 wrote to threadgroup memory: right with the barrier, stale without
+    body = """
+    threadgroup float shared[2];
+    const uint i = thread_position_in_threadgroup.x;
+    shared[i] = float(i + 1);
+    {BARRIER}
+    out[i] = shared[1 - i];
+    """
+    for barrier, expected in (("threadgroup_barrier(mem_flags::mem_threadgroup);", [2.0, 1.0]),
+                              ("", None)):
+        kern = EmulatedKernel("barrier_probe", ["x"], ["out"], body.replace("{BARRIER}", barrier))
+        out = kern(inputs=[mx.zeros((2,))], output_shapes=[(2,)], output_dtypes=[mx.float32],
+                   grid=(2, 1, 1), threadgroup=(2, 1, 1))[0]
+        if expected is not None:
+            assert out.tolist() == expected
+        else:
+            assert out.tolist() != [2.0, 1.0]
+
+
+def test_emulator_reports_barrier_divergence():
+    body = """
+    if (thread_position_in_threadgroup.x == 0) { return; }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    out[0] = 1.0f;
+    """
+    kern = EmulatedKernel("divergence_probe", ["x"], ["out"], body)
+    with pytest.raises(RuntimeError, match="divergence"):
+        kern(inputs=[mx.zeros((1,))], output_shapes=[(1,)], output_dtypes=[mx.float32],
+             grid=(2, 1, 1), threadgroup=(2, 1, 1))
+
+
+def test_every_kernel_file_was_executed():
+    # runs last in this module: each .metal body must have been run by a test above
+    files = set(metal_kernels.kernel_files())
+    assert files == set(metal_kernels.KERNELS), "metal_kernels.KERNELS is out of date"
+    missing = files - executed
+    assert not missing, f"kernel files no test executed: {sorted(missing)}"
