@@ -1,0 +1,169 @@
+"""GPU benchmark (run on the device machine: MLX's CUDA build + fla 0.6.0 / Triton, one process).
+
+bf16, q/k L2-normalised in kernel, g log decay, beta in (0, 1): forward and forward+backward time of
+mlx_gdn.ops.gated_delta_rule vs fla chunk_gated_delta_rule vs mx.fast.gated_delta_update, and one
+decode step (B in {1, 16}, H = 16, D = 128) vs fla fused_recurrent_gated_delta_rule.
+
+    PYTHONPATH=. python benchmarks/bench_gpu.py [--out results.json] [--skip-builtin-bwd]
+"""
+
+import argparse
+import json
+import time
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_gdn.ops import gated_delta_rule, kernels
+
+SHAPES = [(1, 8192, 16, 128), (4, 4096, 16, 128), (8, 2048, 32, 128)]
+
+
+def time_mlx(fn, repeats=10, warmup=3):
+    for _ in range(warmup):
+        mx.eval(fn())
+    mx.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        mx.eval(fn())
+    mx.synchronize()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def time_torch(torch, fn, repeats=10, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def inputs(B, T, H, D, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, T, H, D)).astype(np.float32)
+    k = rng.standard_normal((B, T, H, D)).astype(np.float32)
+    v = rng.standard_normal((B, T, H, D)).astype(np.float32)
+    g = np.log(rng.uniform(0.9, 1.0, (B, T, H))).astype(np.float32)
+    beta = rng.uniform(0, 1, (B, T, H)).astype(np.float32)
+    return q, k, v, g, beta
+
+
+def bench_ours(q, k, v, g, beta):
+    qm, km, vm, bm = (mx.array(x).astype(mx.bfloat16) for x in (q, k, v, beta))
+    gm = mx.array(g)
+    fwd = lambda: gated_delta_rule(qm, km, vm, gm, bm, use_qk_l2norm_in_kernel=True, mode="chunk")[0]
+    w = mx.random.normal(vm.shape).astype(mx.bfloat16)
+    loss = lambda *xs: (gated_delta_rule(*xs, use_qk_l2norm_in_kernel=True, mode="chunk")[0] * w
+                        ).astype(mx.float32).sum()
+    grad = mx.grad(loss, argnums=[0, 1, 2, 3, 4])
+    return time_mlx(fwd), time_mlx(lambda: grad(qm, km, vm, gm, bm))
+
+
+def bench_builtin(q, k, v, g, beta, backward):
+    D = q.shape[-1]
+    qm = mx.array(q / np.linalg.norm(q, axis=-1, keepdims=True) * D ** -0.5).astype(mx.bfloat16)
+    km = mx.array(k / np.linalg.norm(k, axis=-1, keepdims=True)).astype(mx.bfloat16)
+    vm, bm = mx.array(v).astype(mx.bfloat16), mx.array(beta).astype(mx.bfloat16)
+    gamma = mx.exp(mx.array(g)).astype(mx.bfloat16)
+    fwd = lambda: mx.fast.gated_delta_update(qm, km, vm, gamma, bm)[0]
+    out = {"fwd_ms": time_mlx(fwd, repeats=2, warmup=1)}
+    if backward:
+        loss = lambda *xs: mx.fast.gated_delta_update(*xs)[0].astype(mx.float32).sum()
+        grad = mx.grad(loss, argnums=[0, 1, 2, 3, 4])
+        try:
+            out["fwdbwd_ms"] = time_mlx(lambda: grad(qm, km, vm, gamma, bm), repeats=1, warmup=1)
+        except RuntimeError as err:  # its autodiff keeps a K x V state per token
+            out["fwdbwd_ms"] = f"error: {str(err)[:60]}"
+            mx.clear_cache()
+    return out
+
+
+def bench_fla(torch, fla_ops, q, k, v, g, beta):
+    t = lambda x, dt=torch.bfloat16: torch.tensor(x, device="cuda").to(dt)
+    qt, kt, vt, bt = (t(x).requires_grad_() for x in (q, k, v, beta))
+    gt = t(g, torch.float32).requires_grad_()
+    run = lambda: fla_ops.chunk_gated_delta_rule(qt, kt, vt, gt, bt, use_qk_l2norm_in_kernel=True)[0]
+    with torch.no_grad():
+        fwd = time_torch(torch, run)
+    w = torch.randn_like(vt)
+
+    def fwdbwd():
+        (run() * w).float().sum().backward()
+
+    try:
+        return fwd, time_torch(torch, fwdbwd)
+    except Exception as err:  # fla refuses its gated backward on Triton < 3.7.1 (SPEC §6)
+        return fwd, f"error: {type(err).__name__}"
+
+
+def bench_decode(torch, fla_ops, B, H=16, D=128):
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((B, 1, H, D)).astype(np.float32) for _ in range(3))
+    g = np.log(rng.uniform(0.9, 1.0, (B, 1, H))).astype(np.float32)
+    beta = rng.uniform(0, 1, (B, 1, H)).astype(np.float32)
+    state = rng.standard_normal((B, H, D, D)).astype(np.float32) * 0.1
+    qm, km, vm, bm = (mx.array(x).astype(mx.bfloat16) for x in (q, k, v, beta))
+    gm, sm = mx.array(g), mx.array(state)
+    ours = time_mlx(lambda: gated_delta_rule(qm, km, vm, gm, bm, initial_state=sm, output_final_state=True,
+                                             use_qk_l2norm_in_kernel=True, mode="recurrent"), repeats=100)
+    sv = mx.swapaxes(sm, -1, -2)
+    qn = qm * (D ** -0.5)
+    builtin = time_mlx(lambda: mx.fast.gated_delta_update(qn, km, vm, mx.exp(gm).astype(mx.bfloat16), bm, sv),
+                       repeats=100)
+    row = {"B": B, "ours_us": ours * 1e3, "builtin_us": builtin * 1e3}
+    if fla_ops is not None:
+        t = lambda x, dt=torch.bfloat16: torch.tensor(x, device="cuda").to(dt)
+        args = (t(q), t(k), t(v), t(g, torch.float32), t(beta))
+        st = t(state, torch.float32)
+        row["fla_us"] = time_torch(torch, lambda: fla_ops.fused_recurrent_gated_delta_rule(
+            *args[:3], g=args[3], beta=args[4], initial_state=st, output_final_state=True, use_qk_l2norm_in_kernel=True),
+            repeats=100) * 1e3
+    return row
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="bench_gpu.json")
+    p.add_argument("--skip-builtin-bwd", action="store_true")
+    p.add_argument("--shapes", default="all", help="'all' or an index into SHAPES")
+    args = p.parse_args()
+    try:
+        import torch
+        import fla.ops.common.chunk_o as chunk_o
+        import fla.ops.gated_delta_rule as fla_ops
+        chunk_o.TRITON_ABOVE_3_7_1 = True  # timing only: fla's gated backward is unreliable there
+    except Exception as err:
+        print(f"fla unavailable ({err}); timing MLX only")
+        torch = fla_ops = None
+    print(f"mlx {mx.__version__}, device {mx.default_device()}, mlx_gdn backend {kernels.backend()}")
+    rows = []
+    shapes = SHAPES if args.shapes == "all" else [SHAPES[int(args.shapes)]]
+    for B, T, H, D in shapes:
+        data = inputs(B, T, H, D)
+        row = {"shape": [B, T, H, D]}
+        row["ours_fwd_ms"], row["ours_fwdbwd_ms"] = bench_ours(*data)
+        if fla_ops is not None:
+            row["fla_fwd_ms"], row["fla_fwdbwd_ms"] = bench_fla(torch, fla_ops, *data)
+        builtin = bench_builtin(*data, backward=not args.skip_builtin_bwd)
+        row.update({f"builtin_{k}": val for k, val in builtin.items()})
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    # the built-in's forward+backward where it fits in memory, against ours on the same inputs
+    data = inputs(1, 2048, 16, 128)
+    small = {"shape": [1, 2048, 16, 128]}
+    small["ours_fwd_ms"], small["ours_fwdbwd_ms"] = bench_ours(*data)
+    small.update({f"builtin_{k}": val for k, val in bench_builtin(*data, backward=True).items()})
+    rows.append(small)
+    print(json.dumps(small), flush=True)
+    decode = [bench_decode(torch, fla_ops, B) for B in (1, 16)]
+    for row in decode:
+        print(json.dumps(row), flush=True)
+    with open(args.out, "w") as f:
+        json.dump({"device": str(mx.default_device()), "rows": rows, "decode": decode}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""On a real GPU (marker `gpu`; run on the device machine through MLX's CUDA build, or on a Mac):
+the kernels through mx.fast.cuda_kernel / metal_kernel against the ops path, the float64 oracle and,
+where installed, fla 0.6.0's Triton kernels on the same inputs.
+
+MLX runs float32 matmuls as TF32 on tensor-core GPUs unless MLX_ENABLE_TF32=0 (errors ~4e-4): the
+float32 parity checks here need it off, so run them as `MLX_ENABLE_TF32=0 pytest -m gpu`.
+"""
+
+import os
+
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
+import mlx.core as mx  # noqa: E402
+import numpy as np
+import pytest
+
+from mlx_gdn.ops import gated_delta_rule, kernels  # noqa: E402
+from reference import assert_close, gated_delta_reference, make_inputs, rms_rel
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(kernels.backend() not in ("metal", "cuda"),
+                                 reason="needs MLX with Metal or CUDA")]
+NAMES = ("q", "k", "v", "g", "beta", "initial_state")
+FP32_TOL = 2e-5
+
+
+def to_mx(data, dtype=mx.float32):
+    return {n: mx.array(x) if n == "initial_state" else mx.array(x).astype(dtype)
+            for n, x in data.items()}
+
+
+@pytest.mark.parametrize("B,T,H,HV,D,cu", [(2, 300, 2, 4, 128, None), (1, 500, 4, 8, 100, None),
+                                           (1, 1000, 2, 2, 64, [0, 15, 100, 300, 1000])])
+def test_chunk_with_kernels_matches_oracle(B, T, H, HV, D, cu):
+    n_states = len(cu) - 1 if cu else B
+    data = make_inputs(T, B, T, H, HV, D, mask_p=0.3, h0=True, n_states=n_states)
+    ro, rs = gated_delta_reference(**data, cu_seqlens=cu)
+    o, s = gated_delta_rule(**to_mx(data), output_final_state=True, mode="chunk",
+                            cu_seqlens=None if cu is None else mx.array(cu))
+    assert rms_rel(ro, np.array(o)) <= FP32_TOL and rms_rel(rs, np.array(s)) <= FP32_TOL
+
+
+def grads(data, dtype=mx.float32, **kw):
+    w = mx.array(np.random.default_rng(0).standard_normal(data["v"].shape).astype(np.float32))
+
+    def loss(*xs):
+        o, s = gated_delta_rule(**dict(zip(NAMES, xs)), output_final_state=True, **kw)
+        return (o.astype(mx.float32) * w).sum() + s.sum()
+
+    arrays = to_mx(data, dtype)
+    return [np.array(gr.astype(mx.float32))
+            for gr in mx.grad(loss, argnums=list(range(6)))(*[arrays[n] for n in NAMES])]
+
+
+def test_chunk_grads_with_kernels_match_ops_path():
+    data = make_inputs(2, 1, 400, 2, 4, 128, mask_p=0.3, h0=True)
+    got = grads(data, mode="chunk")
+    with kernels.use_factory("ops", None):
+        ref = grads(data, mode="chunk")
+    for n, a, b in zip(NAMES, ref, got):
+        assert rms_rel(a, b) <= FP32_TOL, n
+
+
+def test_bf16_grads_at_fla_tolerances():
+    data = make_inputs(3, 1, 300, 2, 4, 128, mask_p=0.3, h0=True)
+    rounded = {n: (x if n == "initial_state" else np.array(mx.array(x).astype(mx.bfloat16).astype(mx.float32)))
+               for n, x in data.items()}
+    ref = grads(rounded, mode="recurrent")
+    got = grads(data, mx.bfloat16, mode="chunk")
+    for n, a, b in zip(NAMES, ref, got):
+        assert_close(n, a, b, 2e-2 if n in ("g", "beta") else 8e-3)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_decode_kernel_matches_oracle(dtype):
+    rng = np.random.default_rng(5)
+    data = make_inputs(5, 16, 2, 4, 16, 128, h0=True, unit_k=False)
+    data["g"] = rng.standard_normal(data["g"].shape).astype(np.float32)
+    opts = dict(A_log=np.log(rng.uniform(1, 16, 16)).astype(np.float32),
+                dt_bias=rng.standard_normal(16).astype(np.float32))
+    flags = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)
+    rounded = {n: (x if n == "initial_state" else np.array(mx.array(x).astype(dtype).astype(mx.float32)))
+               for n, x in data.items()}
+    ro, rs = gated_delta_reference(**rounded, **opts, **flags)
+    o, s = gated_delta_rule(**to_mx(data, dtype), output_final_state=True, mode="recurrent",
+                            **{n: mx.array(x) for n, x in opts.items()}, **flags)
+    tol = FP32_TOL if dtype == mx.float32 else 5e-3
+    assert_close("o", ro, np.array(o.astype(mx.float32)), tol)
+    assert_close("state", rs, np.array(s), tol)
+
+
+# ---- fla 0.6.0 on the same inputs (skipped where fla or CUDA torch is missing) ----
+
+def _fla():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    ops = pytest.importorskip("fla.ops.gated_delta_rule")
+    return torch, ops
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_forward_matches_fla_chunk(dtype):
+    torch, fla_ops = _fla()
+    data = make_inputs(7, 2, 1000, 4, 8, 128, mask_p=0.2, h0=True, unit_k=False)
+    tdt = getattr(torch, dtype)
+    t = {n: torch.tensor(x, device="cuda") for n, x in data.items()}
+    o_fla, s_fla = fla_ops.chunk_gated_delta_rule(
+        t["q"].to(tdt), t["k"].to(tdt), t["v"].to(tdt), t["g"], t["beta"].to(tdt),
+        initial_state=t["initial_state"], output_final_state=True, use_qk_l2norm_in_kernel=True)
+    o, s = gated_delta_rule(**to_mx(data, getattr(mx, dtype)), output_final_state=True,
+                            use_qk_l2norm_in_kernel=True, mode="chunk")
+    o_fla = o_fla.float().cpu().numpy()
+    s_fla = s_fla.float().cpu().numpy()
+    # fla's chunk path computes in TF32 (~1e-3, SPEC §6); bf16 at fla's own tolerance
+    tol = 3e-3 if dtype == "float32" else 5e-3
+    assert_close("o", o_fla, np.array(o.astype(mx.float32)), tol)
+    assert_close("state", s_fla, np.array(s), tol)
+
+
+def test_decode_matches_fla_fused_recurrent():
+    torch, fla_ops = _fla()
+    data = make_inputs(8, 16, 1, 16, 16, 128, h0=True, unit_k=False)
+    t = {n: torch.tensor(x, device="cuda") for n, x in data.items()}
+    # by keyword: fla 0.6.0's fused_recurrent has more gate arguments (gk, gv) after g
+    o_fla, s_fla = fla_ops.fused_recurrent_gated_delta_rule(
+        t["q"], t["k"], t["v"], g=t["g"], beta=t["beta"], initial_state=t["initial_state"],
+        output_final_state=True, use_qk_l2norm_in_kernel=True)
+    o, s = gated_delta_rule(**to_mx(data), output_final_state=True, use_qk_l2norm_in_kernel=True,
+                            mode="recurrent")
+    assert rms_rel(o_fla.cpu().numpy(), np.array(o)) <= 1e-5
+    assert rms_rel(s_fla.cpu().numpy(), np.array(s)) <= 1e-5
