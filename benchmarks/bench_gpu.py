@@ -69,16 +69,29 @@ def bench_builtin(q, k, v, g, beta, backward):
     vm, bm = mx.array(v).astype(mx.bfloat16), mx.array(beta).astype(mx.bfloat16)
     gamma = mx.exp(mx.array(g)).astype(mx.bfloat16)
     fwd = lambda: mx.fast.gated_delta_update(qm, km, vm, gamma, bm)[0]
-    out = {"fwd_ms": time_mlx(fwd, repeats=2, warmup=1)}
+    out = {"fwd_ms": guarded(lambda: time_mlx(fwd, repeats=2, warmup=1))}
     if backward:
         loss = lambda *xs: mx.fast.gated_delta_update(*xs)[0].astype(mx.float32).sum()
         grad = mx.grad(loss, argnums=[0, 1, 2, 3, 4])
-        try:
-            out["fwdbwd_ms"] = time_mlx(lambda: grad(qm, km, vm, gamma, bm), repeats=1, warmup=1)
-        except RuntimeError as err:  # its autodiff keeps a K x V state per token
-            out["fwdbwd_ms"] = f"error: {str(err)[:60]}"
-            mx.clear_cache()
+        # its autodiff keeps a K x V state per token: may run out of memory
+        out["fwdbwd_ms"] = guarded(lambda: time_mlx(lambda: grad(qm, km, vm, gamma, bm), repeats=1,
+                                                    warmup=1))
     return out
+
+
+def guarded(measure):
+    """A measurement, or the error that stopped it (out of memory, fla refusing); caches freed."""
+    try:
+        return measure()
+    except Exception as err:
+        return f"error: {type(err).__name__}: {str(err)[:200]}"
+    finally:
+        mx.clear_cache()
+        try:
+            import torch
+            torch.cuda.empty_cache()
+        except Exception:
+            pass
 
 
 def bench_fla(torch, fla_ops, q, k, v, g, beta):
@@ -87,16 +100,13 @@ def bench_fla(torch, fla_ops, q, k, v, g, beta):
     gt = t(g, torch.float32).requires_grad_()
     run = lambda: fla_ops.chunk_gated_delta_rule(qt, kt, vt, gt, bt, use_qk_l2norm_in_kernel=True)[0]
     with torch.no_grad():
-        fwd = time_torch(torch, run)
+        fwd = guarded(lambda: time_torch(torch, run))
     w = torch.randn_like(vt)
 
     def fwdbwd():
         (run() * w).float().sum().backward()
 
-    try:
-        return fwd, time_torch(torch, fwdbwd)
-    except Exception as err:  # fla refuses its gated backward on Triton < 3.7.1 (SPEC §6)
-        return fwd, f"error: {type(err).__name__}"
+    return fwd, guarded(lambda: time_torch(torch, fwdbwd))
 
 
 def bench_decode(torch, fla_ops, B, H=16, D=128):
@@ -128,7 +138,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench_gpu.json")
     p.add_argument("--skip-builtin-bwd", action="store_true")
-    p.add_argument("--shapes", default="all", help="'all' or an index into SHAPES")
+    p.add_argument("--shapes", default="all", help="'all', 'none' or an index into SHAPES")
     args = p.parse_args()
     try:
         import torch
@@ -140,25 +150,32 @@ def main():
         torch = fla_ops = None
     print(f"mlx {mx.__version__}, device {mx.default_device()}, mlx_gdn backend {kernels.backend()}")
     rows = []
-    shapes = SHAPES if args.shapes == "all" else [SHAPES[int(args.shapes)]]
+    named = {"all": SHAPES, "none": []}
+    shapes = named[args.shapes] if args.shapes in named else [SHAPES[int(args.shapes)]]
     for B, T, H, D in shapes:
         data = inputs(B, T, H, D)
         row = {"shape": [B, T, H, D]}
         row["ours_fwd_ms"], row["ours_fwdbwd_ms"] = bench_ours(*data)
+        print(json.dumps(row), flush=True)
         if fla_ops is not None:
             row["fla_fwd_ms"], row["fla_fwdbwd_ms"] = bench_fla(torch, fla_ops, *data)
+            print(json.dumps(row), flush=True)
         builtin = bench_builtin(*data, backward=not args.skip_builtin_bwd)
         row.update({f"builtin_{k}": val for k, val in builtin.items()})
         rows.append(row)
         print(json.dumps(row), flush=True)
     # the built-in's forward+backward where it fits in memory, against ours on the same inputs
+    if args.shapes == "none":
+        decode = [guarded(lambda: bench_decode(torch, fla_ops, B)) for B in (1, 16)]
+        print(json.dumps(decode))
+        return
     data = inputs(1, 2048, 16, 128)
     small = {"shape": [1, 2048, 16, 128]}
     small["ours_fwd_ms"], small["ours_fwdbwd_ms"] = bench_ours(*data)
     small.update({f"builtin_{k}": val for k, val in bench_builtin(*data, backward=True).items()})
     rows.append(small)
     print(json.dumps(small), flush=True)
-    decode = [bench_decode(torch, fla_ops, B) for B in (1, 16)]
+    decode = [guarded(lambda: bench_decode(torch, fla_ops, B)) for B in (1, 16)]
     for row in decode:
         print(json.dumps(row), flush=True)
     with open(args.out, "w") as f:

@@ -169,3 +169,15 @@ def test_low_precision(dtype, mode):
     o, s = run(data, dtype=dtype, mode=mode)
     assert_close("o", ro, o, LOW_TOL)
     assert_close("state", rs, s, LOW_TOL)
+
+
+@pytest.mark.parametrize("cu", [None, [0, 15, 100, 230, 231, 300]])
+def test_blocks_carry_the_state(monkeypatch, cu):
+    # long inputs run block by block; blocks of 2 chunks here, so segments cross block boundaries
+    from mlx_gdn.ops import chunk
+    monkeypatch.setattr(chunk, "BLOCK_TOKENS", 32)
+    n_states = len(cu) - 1 if cu else 2
+    data = make_inputs(41, 1 if cu else 2, 300, 2, 4, 32, mask_p=0.2, h0=True, n_states=n_states)
+    ro, rs = oracle(data, cu_seqlens=cu)
+    o, s = run(data, mode="chunk", chunk_size=16, cu_seqlens=cu)
+    assert rms_rel(ro, o) <= FP32_TOL and rms_rel(rs, s) <= FP32_TOL

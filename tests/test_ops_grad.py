@@ -125,3 +125,14 @@ def test_low_precision_grads(dtype):
     got = mlx_grads(data, "chunk", dtype=dtype)
     for n in NAMES:
         assert_close(n, ref[n], got[n], 2e-2 if n in ("g", "beta") else 8e-3)
+
+
+def test_block_by_block_grads_match_recurrence(monkeypatch):
+    from mlx_gdn.ops import chunk
+    monkeypatch.setattr(chunk, "BLOCK_TOKENS", 32)
+    cu = [0, 15, 100, 101, 170]
+    data = make_inputs(9, 1, 170, 2, 4, 32, mask_p=0.3, h0=True, n_states=4)
+    ref = mlx_grads(data, "recurrent", cu_seqlens=cu)
+    got = mlx_grads(data, "chunk", cu_seqlens=cu, chunk_size=16)
+    for n in NAMES:
+        assert rms_rel(ref[n], got[n]) <= 1e-5, n

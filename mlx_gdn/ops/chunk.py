@@ -23,6 +23,9 @@ import mlx.core as mx
 from . import kernels
 
 BASE_BLOCK = 16  # size of the diagonal blocks inverted by the nilpotent product
+# The batched (non-sequential) work runs this many tokens at a time, one block finished before the
+# next starts, so temporaries stay bounded at any T; up to 2048 tokens there is one block.
+BLOCK_TOKENS = 2048
 
 
 def _t(x):
@@ -139,8 +142,8 @@ def _scan_backward(PdO, QdO, Kt, W, decay, dhT, segments):
     return mx.concatenate(du), mx.concatenate(dh_next), mx.concatenate(dh0)
 
 
-def chunk_forward(q, k, v, g, beta, h0, segments):
-    """Returns (o, final states, per-chunk start states, new values u)."""
+def _forward_block(q, k, v, g, beta, h0, segments):
+    """One block of chunks: (o, final states, per-chunk start states, new values u)."""
     pc = _ChunkPieces(q, k, v, g, beta)
     scan = _scan_forward if kernels.backend() == "ops" else kernels.scan_forward
     states, u, hT = scan(pc.W, pc.U, pc.Kt, pc.decay, h0, segments)
@@ -148,8 +151,8 @@ def chunk_forward(q, k, v, g, beta, h0, segments):
     return o, hT, states, u
 
 
-def chunk_backward(q, k, v, g, beta, segments, do, dhT, states, u):
-    """Gradients (dq, dk, dv, dg, dbeta, dh0) of chunk_forward's (o, hT)."""
+def _backward_block(q, k, v, g, beta, do, dhT, states, u, segments):
+    """One block of chunks: gradients (dq, dk, dv, dg, dbeta, dh0) of _forward_block's (o, hT)."""
     pc = _ChunkPieces(q, k, v, g, beta)
     Qg = q * pc.eg
     scan = _scan_backward if kernels.backend() == "ops" else kernels.scan_backward
@@ -215,25 +218,92 @@ def _over_head_groups(fn, inputs):
     return tuple(mx.concatenate(outs, axis=1) for outs in zip(*results))
 
 
+def _blocks(N, C, segments):
+    """Blocks of at most BLOCK_TOKENS tokens, each with its pieces of segments:
+    (first chunk, end chunk, [(segment, local start, local end, starts here, ends here)])."""
+    per = max(1, BLOCK_TOKENS // C)
+    blocks = []
+    for b0 in range(0, N, per):
+        b1 = min(N, b0 + per)
+        pieces = [(s, max(c0, b0) - b0, min(c1, b1) - b0, c0 >= b0, c1 <= b1)
+                  for s, (c0, c1) in enumerate(segments) if max(c0, b0) < min(c1, b1)]
+        blocks.append((b0, b1, pieces))
+    return blocks
+
+
+def _one_array(arrays):
+    """Copies arrays into one flat array and returns views of it: all of a block's results then come
+    from a single node, so MLX's depth-first evaluation finishes (and frees) one block before the
+    next. (mx.eval per block would not free anything under mx.grad, where arrays keep their graph.)"""
+    flat = mx.concatenate([a.reshape(-1) for a in arrays])
+    views, at = [], 0
+    for a in arrays:
+        views.append(flat[at:at + a.size].reshape(a.shape))
+        at += a.size
+    return views
+
+
+def chunk_forward(q, k, v, g, beta, h0, segments):
+    """Block by block (the scan state carried across): (o, final states, per-chunk start states, u)."""
+    nb = h0.shape[0] // len(segments)
+    blocks = _blocks(q.shape[0] // nb, q.shape[-2], segments)
+    outs, finals, carry = [], [None] * len(segments), None
+    for b0, b1, pieces in blocks:
+        rows = slice(b0 * nb, b1 * nb)
+        starts = mx.concatenate([h0[s * nb:(s + 1) * nb] if first else carry
+                                 for s, _, _, first, _ in pieces])
+        local = tuple((lo, hi) for _, lo, hi, _, _ in pieces)
+        o, ends, states, u = _over_head_groups(
+            lambda *xs: _forward_block(*xs, local),
+            (q[rows], k[rows], v[rows], g[rows], beta[rows], starts))
+        if len(blocks) > 1:
+            o, ends, states, u = _one_array((o, ends, states, u))
+        for i, (s, _, _, _, last) in enumerate(pieces):
+            if last:
+                finals[s] = ends[i * nb:(i + 1) * nb]
+            else:
+                carry = ends[i * nb:(i + 1) * nb]
+        outs.append((o, states, u))
+    o, states, u = (mx.concatenate(x) for x in zip(*outs))
+    return o, mx.concatenate(finals), states, u
+
+
+def chunk_backward(q, k, v, g, beta, segments, do, dhT, states, u):
+    """Gradients (dq, dk, dv, dg, dbeta, dh0) of chunk_forward's (o, hT), blocks in reverse."""
+    nb = dhT.shape[0] // len(segments)
+    blocks = _blocks(q.shape[0] // nb, q.shape[-2], segments)
+    grads, dh0, carry = [], [None] * len(segments), None
+    for b0, b1, pieces in reversed(blocks):
+        rows = slice(b0 * nb, b1 * nb)
+        ends = mx.concatenate([dhT[s * nb:(s + 1) * nb] if last else carry
+                               for s, _, _, _, last in pieces])
+        local = tuple((lo, hi) for _, lo, hi, _, _ in pieces)
+        *block_grads, dstarts = _over_head_groups(
+            lambda *xs: _backward_block(*xs, local),
+            (q[rows], k[rows], v[rows], g[rows], beta[rows], do[rows], ends, states[rows], u[rows]))
+        if len(blocks) > 1:
+            *block_grads, dstarts = _one_array(tuple(block_grads) + (dstarts,))
+        for i, (s, _, _, first, _) in enumerate(pieces):
+            if first:
+                dh0[s] = dstarts[i * nb:(i + 1) * nb]
+            else:
+                carry = dstarts[i * nb:(i + 1) * nb]
+        grads.append(block_grads)
+    return tuple(mx.concatenate(x) for x in zip(*reversed(grads))) + (mx.concatenate(dh0),)
+
+
 def chunk_gated_delta(q, k, v, g, beta, h0, segments):
     """Chunked gated delta rule with its own VJP. Chunk-major inputs (see the module docstring);
     h0: [S * B, HV, K, V] for S segments. Returns (o [N * B, HV, C, V], final states like h0)."""
 
-    def forward(q, k, v, g, beta, h0):
-        return chunk_forward(q, k, v, g, beta, h0, segments)
-
-    def backward(q, k, v, g, beta, do, dhT, states, u):
-        return chunk_backward(q, k, v, g, beta, segments, do, dhT, states, u)
-
     @mx.custom_function
     def core(q, k, v, g, beta, h0):
-        return _over_head_groups(forward, (q, k, v, g, beta, h0))
+        return chunk_forward(q, k, v, g, beta, h0, segments)
 
     @core.vjp
     def core_vjp(primals, cotangents, outputs):
-        do, dhT = cotangents[0], cotangents[1]
         _, _, states, u = outputs
-        return _over_head_groups(backward, tuple(primals[:5]) + (do, dhT, states, u))
+        return chunk_backward(*primals[:5], segments, cotangents[0], cotangents[1], states, u)
 
     o, hT, *_ = core(q, k, v, g, beta, h0)
     return o, hT
