@@ -8,6 +8,7 @@
 // seg_first, seg_last [N] int32.
 // Outputs: du [N,R,C,V]; dh_next [N,R,K,V] (dh_{n+1}, the gradient leaving chunk n); dh0 [S*R,K,V].
 constexpr int NK = (K + 31) / 32;
+constexpr int ROWS = 8;  // chunk rows per step (C is 16, 32 or 64)
 const uint lane = thread_position_in_threadgroup.x;
 const uint dv = thread_position_in_grid.y;
 const uint r = thread_position_in_grid.z;
@@ -37,20 +38,31 @@ for (int n = N - 1; n >= 0; --n) {
       dh_prev[j] = 0.0f;
     }
   }
-  for (int c = 0; c < C; ++c) {
-    const uint ck = (nr * C + c) * K;
-    float kdh = 0.0f;
-    for (int j = 0; j < NK; ++j) {
-      const uint kk = lane + 32 * j;
-      kdh += kk < K ? Kt[ck + kk] * dh[j] : 0.0f;
+  // Every row's du_c = PdO_c + Kt_c dh reads the same dh: ROWS rows at a time give independent loads
+  // and SIMD reductions in flight instead of one dependent chain per row.
+  for (int c0 = 0; c0 < C; c0 += ROWS) {
+    float du_c[ROWS];
+    for (int i = 0; i < ROWS; ++i) {
+      const uint ck = (nr * C + c0 + i) * K;
+      float kdh = 0.0f;
+      for (int j = 0; j < NK; ++j) {
+        const uint kk = lane + 32 * j;
+        kdh += kk < K ? Kt[ck + kk] * dh[j] : 0.0f;
+      }
+      du_c[i] = kdh;
     }
-    const float du_c = PdO[(nr * C + c) * V + dv] + simd_sum(kdh);
-    if (lane == 0) {
-      du[(nr * C + c) * V + dv] = du_c;
+    for (int i = 0; i < ROWS; ++i) {
+      du_c[i] = PdO[(nr * C + c0 + i) * V + dv] + simd_sum(du_c[i]);
     }
-    for (int j = 0; j < NK; ++j) {
-      const uint kk = lane + 32 * j;
-      dh_prev[j] -= kk < K ? W[ck + kk] * du_c : 0.0f;
+    for (int i = 0; i < ROWS; ++i) {
+      const uint ck = (nr * C + c0 + i) * K;
+      if (lane == 0) {
+        du[(nr * C + c0 + i) * V + dv] = du_c[i];
+      }
+      for (int j = 0; j < NK; ++j) {
+        const uint kk = lane + 32 * j;
+        dh_prev[j] -= kk < K ? W[ck + kk] * du_c[i] : 0.0f;
+      }
     }
   }
   for (int j = 0; j < NK; ++j) {

@@ -7,6 +7,7 @@
 // (segment index starting / ending at chunk n, or -1).
 // Outputs: states [N,R,K,V] (h_n, the state entering chunk n); v_new [N,R,C,V]; h_final [S*R,K,V].
 constexpr int NK = (K + 31) / 32;
+constexpr int ROWS = 8;  // chunk rows per step (C is 16, 32 or 64)
 const uint lane = thread_position_in_threadgroup.x;
 const uint dv = thread_position_in_grid.y;
 const uint r = thread_position_in_grid.z;
@@ -34,20 +35,31 @@ for (int n = 0; n < N; ++n) {
     }
     h_next[j] = d * h[j];
   }
-  for (int c = 0; c < C; ++c) {
-    const uint ck = (nr * C + c) * K;
-    float wh = 0.0f;
-    for (int j = 0; j < NK; ++j) {
-      const uint kk = lane + 32 * j;
-      wh += kk < K ? W[ck + kk] * h[j] : 0.0f;
+  // Every row's u_c = U_c - W_c h reads the same h: ROWS rows at a time give independent loads and
+  // SIMD reductions in flight instead of one dependent chain per row.
+  for (int c0 = 0; c0 < C; c0 += ROWS) {
+    float u[ROWS];
+    for (int i = 0; i < ROWS; ++i) {
+      const uint ck = (nr * C + c0 + i) * K;
+      float wh = 0.0f;
+      for (int j = 0; j < NK; ++j) {
+        const uint kk = lane + 32 * j;
+        wh += kk < K ? W[ck + kk] * h[j] : 0.0f;
+      }
+      u[i] = wh;
     }
-    const float u = U[(nr * C + c) * V + dv] - simd_sum(wh);
-    if (lane == 0) {
-      v_new[(nr * C + c) * V + dv] = u;
+    for (int i = 0; i < ROWS; ++i) {
+      u[i] = U[(nr * C + c0 + i) * V + dv] - simd_sum(u[i]);
     }
-    for (int j = 0; j < NK; ++j) {
-      const uint kk = lane + 32 * j;
-      h_next[j] += kk < K ? Kt[ck + kk] * u : 0.0f;
+    for (int i = 0; i < ROWS; ++i) {
+      const uint ck = (nr * C + c0 + i) * K;
+      if (lane == 0) {
+        v_new[(nr * C + c0 + i) * V + dv] = u[i];
+      }
+      for (int j = 0; j < NK; ++j) {
+        const uint kk = lane + 32 * j;
+        h_next[j] += kk < K ? Kt[ck + kk] * u[i] : 0.0f;
+      }
     }
   }
   for (int j = 0; j < NK; ++j) {
