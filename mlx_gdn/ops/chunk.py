@@ -11,9 +11,11 @@ Gam_ij = exp(gamma_i - gamma_j) (i >= j, else 0):
     h' = e^{gamma_C} h + (K * e^{gamma_C - gamma})^T u
     O = (Q * e^gamma) h + tril((Q K^T) * Gam) u
 
-The backward recomputes the cheap C x C pieces, keeps one K x V state per chunk (never one per
-token), and runs the reverse scan for dh. Sequences of a packed batch (`segments`) occupy
-consecutive chunks; the scans restart at each segment's first chunk.
+The backward recomputes the per-chunk pieces (C x C matrices, W, U), keeps one K x V state per chunk
+(never one per token), and runs the reverse scan for dh. Sequences of a packed batch (`segments`)
+occupy consecutive chunks; the scans restart at each segment's first chunk. Both passes go through
+blocks of BLOCK_TOKENS tokens (the scan state carried between blocks) to bound memory at long T.
+On Metal/CUDA the two scans are the kernels of metal_kernels/ (see kernels.py).
 """
 
 import os
@@ -156,8 +158,7 @@ def _backward_block(q, k, v, g, beta, do, dhT, states, u, segments):
     pc = _ChunkPieces(q, k, v, g, beta)
     Qg = q * pc.eg
     scan = _scan_backward if kernels.backend() == "ops" else kernels.scan_backward
-    du, dh_next, dh0 = scan(_t(pc.P) @ do, _t(Qg) @ do, pc.Kt, pc.W, pc.decay, dhT,
-                                      segments)
+    du, dh_next, dh0 = scan(_t(pc.P) @ do, _t(Qg) @ do, pc.Kt, pc.W, pc.decay, dhT, segments)
 
     # through u = U - W h and the state update h' = decay h + Kt^T u
     dW = -_mm_nt(du, states)

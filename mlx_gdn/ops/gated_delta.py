@@ -1,7 +1,5 @@
 """`gated_delta_rule`: fla's `chunk_gated_delta_rule` interface over the recurrent and chunked paths."""
 
-import math
-
 import mlx.core as mx
 
 from . import kernels

@@ -74,39 +74,38 @@ def _segment_flags(segments, N):
     return mx.array(first, dtype=mx.int32), mx.array(last, dtype=mx.int32)
 
 
-def scan_forward(W, U, Kt, decay, h0, segments):
-    """Kernel twin of chunk._scan_forward (same arguments and results)."""
+def _scan_launch(W, V, states, segments):
+    """What both scan kernels share: sizes, segment flags, template, grid (rows R = B * HV)."""
     NB, HV, C, K = W.shape
-    V = U.shape[-1]
     S = len(segments)
-    B = h0.shape[0] // S
+    B = states.shape[0] // S
     N, R = NB // B, B * HV
     first, last = _segment_flags(segments, N)
+    launch = dict(template=[("K", K), ("V", V), ("C", C), ("N", N), ("R", R)], grid=(32, V, R),
+                  threadgroup=(32, min(TG_COLUMNS, V), 1), output_dtypes=[mx.float32] * 3)
+    return (N, R, S, B, HV, C, K), (first, last), launch
+
+
+def scan_forward(W, U, Kt, decay, h0, segments):
+    """Kernel twin of chunk._scan_forward (same arguments and results)."""
+    V = U.shape[-1]
+    (N, R, S, B, HV, C, K), flags, launch = _scan_launch(W, V, h0, segments)
     states, v_new, h_final = get_kernel("chunk_scan_fwd")(
-        inputs=[W, U, Kt, decay.reshape(N, R), h0, first, last],
-        template=[("K", K), ("V", V), ("C", C), ("N", N), ("R", R)],
-        grid=(32, V, R), threadgroup=(32, min(TG_COLUMNS, V), 1),
-        output_shapes=[(N, R, K, V), (N, R, C, V), (S * R, K, V)],
-        output_dtypes=[mx.float32] * 3)
-    return (states.reshape(NB, HV, K, V), v_new.reshape(NB, HV, C, V),
+        inputs=[W, U, Kt, decay.reshape(N, R), h0, *flags],
+        output_shapes=[(N, R, K, V), (N, R, C, V), (S * R, K, V)], **launch)
+    return (states.reshape(N * B, HV, K, V), v_new.reshape(N * B, HV, C, V),
             h_final.reshape(S * B, HV, K, V))
 
 
 def scan_backward(PdO, QdO, Kt, W, decay, dhT, segments):
     """Kernel twin of chunk._scan_backward (same arguments and results)."""
-    NB, HV, C, K = W.shape
     V = PdO.shape[-1]
-    S = len(segments)
-    B = dhT.shape[0] // S
-    N, R = NB // B, B * HV
-    first, last = _segment_flags(segments, N)
+    (N, R, S, B, HV, C, K), flags, launch = _scan_launch(W, V, dhT, segments)
     du, dh_next, dh0 = get_kernel("chunk_scan_bwd")(
-        inputs=[PdO, QdO, Kt, W, decay.reshape(N, R), dhT, first, last],
-        template=[("K", K), ("V", V), ("C", C), ("N", N), ("R", R)],
-        grid=(32, V, R), threadgroup=(32, min(TG_COLUMNS, V), 1),
-        output_shapes=[(N, R, C, V), (N, R, K, V), (S * R, K, V)],
-        output_dtypes=[mx.float32] * 3)
-    return du.reshape(NB, HV, C, V), dh_next.reshape(NB, HV, K, V), dh0.reshape(S * B, HV, K, V)
+        inputs=[PdO, QdO, Kt, W, decay.reshape(N, R), dhT, *flags],
+        output_shapes=[(N, R, C, V), (N, R, K, V), (S * R, K, V)], **launch)
+    return (du.reshape(N * B, HV, C, V), dh_next.reshape(N * B, HV, K, V),
+            dh0.reshape(S * B, HV, K, V))
 
 
 def decode_step(q, k, v, g, beta, state, *, scale, A_log=None, dt_bias=None, l2norm=False,
