@@ -14,7 +14,8 @@ Gam_ij = exp(gamma_i - gamma_j) (i >= j, else 0):
 The backward recomputes the per-chunk pieces (C x C matrices, W, U), keeps one K x V state per chunk
 (never one per token), and runs the reverse scan for dh. Sequences of a packed batch (`segments`)
 occupy consecutive chunks; the scans restart at each segment's first chunk. Both passes go through
-blocks of BLOCK_TOKENS tokens (the scan state carried between blocks) to bound memory at long T.
+blocks of BLOCK_TOKENS (forward) / BACKWARD_BLOCK_TOKENS tokens, the scan state carried between
+blocks, to bound memory at long T.
 On Metal/CUDA the two scans are the kernels of metal_kernels/ (see kernels.py).
 """
 
@@ -26,8 +27,9 @@ from . import kernels
 
 BASE_BLOCK = 16  # size of the diagonal blocks inverted by the nilpotent product
 # The batched (non-sequential) work runs this many tokens at a time, one block finished before the
-# next starts, so temporaries stay bounded at any T; up to 2048 tokens there is one block.
-BLOCK_TOKENS = 2048
+# next starts, so temporaries stay bounded at any T.
+BLOCK_TOKENS = 2048  # forward
+BACKWARD_BLOCK_TOKENS = 1024  # the backward keeps more per token: smaller blocks
 
 
 def _t(x):
@@ -219,10 +221,10 @@ def _over_head_groups(fn, inputs):
     return tuple(mx.concatenate(outs, axis=1) for outs in zip(*results))
 
 
-def _blocks(N, C, segments):
-    """Blocks of at most BLOCK_TOKENS tokens, each with its pieces of segments:
+def _blocks(N, C, segments, tokens):
+    """Blocks of at most `tokens` tokens, each with its pieces of segments:
     (first chunk, end chunk, [(segment, local start, local end, starts here, ends here)])."""
-    per = max(1, BLOCK_TOKENS // C)
+    per = max(1, tokens // C)
     blocks = []
     for b0 in range(0, N, per):
         b1 = min(N, b0 + per)
@@ -247,7 +249,7 @@ def _one_array(arrays):
 def chunk_forward(q, k, v, g, beta, h0, segments):
     """Block by block (the scan state carried across): (o, final states, per-chunk start states, u)."""
     nb = h0.shape[0] // len(segments)
-    blocks = _blocks(q.shape[0] // nb, q.shape[-2], segments)
+    blocks = _blocks(q.shape[0] // nb, q.shape[-2], segments, BLOCK_TOKENS)
     outs, finals, carry = [], [None] * len(segments), None
     for b0, b1, pieces in blocks:
         rows = slice(b0 * nb, b1 * nb)
@@ -272,7 +274,7 @@ def chunk_forward(q, k, v, g, beta, h0, segments):
 def chunk_backward(q, k, v, g, beta, segments, do, dhT, states, u):
     """Gradients (dq, dk, dv, dg, dbeta, dh0) of chunk_forward's (o, hT), blocks in reverse."""
     nb = dhT.shape[0] // len(segments)
-    blocks = _blocks(q.shape[0] // nb, q.shape[-2], segments)
+    blocks = _blocks(q.shape[0] // nb, q.shape[-2], segments, BACKWARD_BLOCK_TOKENS)
     grads, dh0, carry = [], [None] * len(segments), None
     for b0, b1, pieces in reversed(blocks):
         rows = slice(b0 * nb, b1 * nb)
