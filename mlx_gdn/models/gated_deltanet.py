@@ -1,0 +1,172 @@
+"""Gated DeltaNet causal LM and its hybrids (fla's `gated_deltanet` model type, HF layout).
+
+Blocks follow `layer_types`: "gdn" (Gated DeltaNet), "swa" (attention with a sliding window),
+"attn" (full attention). Pre-norm as fla: x + mixer(attn_norm(x)), then + mlp(mlp_norm(x)).
+Parameter names are fla's state-dict keys, so fla checkpoints load without renaming.
+"""
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..layers import Attention, GatedDeltaNet, SwiGLU
+from .cache import AttentionCache, GatedDeltaNetCache
+
+LAYER_TYPES = ("gdn", "swa", "attn")
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 32000
+    hidden_size: int = 2048
+    num_hidden_layers: int = 21
+    head_dim: int = 256
+    num_heads: int = 6
+    num_v_heads: Optional[int] = None
+    expand_v: float = 2.0
+    conv_size: int = 4
+    use_gate: bool = True
+    use_short_conv: bool = True
+    allow_neg_eigval: bool = False
+    hidden_ratio: int = 4
+    intermediate_size: Optional[int] = None
+    norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    # hybrids: one type per layer; attention layers use the attn_* settings
+    layer_types: Optional[List[str]] = None
+    attn_num_heads: Optional[int] = None
+    attn_num_kv_heads: Optional[int] = None
+    attn_qkv_bias: bool = False
+    window_size: Optional[int] = None
+    rope_theta: float = 10000.0
+    model_type: str = "gated_deltanet"
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.intermediate_size is None:
+            hidden = int(self.hidden_size * self.hidden_ratio * 2 / 3)
+            self.intermediate_size = 256 * math.ceil(hidden / 256)
+        if self.layer_types is None:
+            self.layer_types = ["gdn"] * self.num_hidden_layers
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"config: layer_types has {len(self.layer_types)} entries for "
+                             f"num_hidden_layers = {self.num_hidden_layers}")
+        unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        if unknown:
+            raise ValueError(f"config: unknown layer types {unknown}; known: {list(LAYER_TYPES)}")
+        if "swa" in self.layer_types and not self.window_size:
+            raise ValueError("config: 'swa' layers need window_size")
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "ModelArgs":
+        """From our config.json or fla's (its `attn` hybrid spec becomes layer_types)."""
+        config = dict(config)
+        attn = config.pop("attn", None)
+        if attn:
+            specs = attn if isinstance(attn, list) else [attn]
+            if len({(s.get("num_heads"), s.get("num_kv_heads"), s.get("rope_theta")) for s in specs}) > 1:
+                raise ValueError("config: attention specs with different head counts or rope_theta "
+                                 "are not supported")
+            n = config.get("num_hidden_layers", cls.num_hidden_layers)
+            types = ["gdn"] * n
+            for spec in specs:
+                for i in spec["layers"]:
+                    types[i] = "swa" if spec.get("window_size") else "attn"
+            spec = specs[0]
+            config.update(layer_types=types, attn_num_heads=spec.get("num_heads"),
+                          attn_num_kv_heads=spec.get("num_kv_heads"),
+                          attn_qkv_bias=spec.get("qkv_bias", False),
+                          window_size=spec.get("window_size"),
+                          rope_theta=spec.get("rope_theta", 10000.0))
+        names = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in config.items() if k in names},
+                   extra={k: v for k, v in config.items() if k not in names})
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_type: str):
+        super().__init__()
+        self.layer_type = layer_type
+        self.attn_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
+        if layer_type == "gdn":
+            self.attn = GatedDeltaNet(args.hidden_size, args.head_dim, args.num_heads, args.num_v_heads,
+                                      args.expand_v, args.conv_size, args.use_gate,
+                                      args.use_short_conv, args.allow_neg_eigval, args.norm_eps)
+        else:
+            self.attn = Attention(args.hidden_size, args.attn_num_heads or args.num_heads,
+                                  args.attn_num_kv_heads,
+                                  args.window_size if layer_type == "swa" else None,
+                                  args.rope_theta, args.attn_qkv_bias)
+        self.mlp_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
+        self.mlp = SwiGLU(args.hidden_size, args.intermediate_size)
+
+    def __call__(self, x, mask=None, cache=None):
+        x = x + self.attn(self.attn_norm(x), mask=mask, cache=cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [Block(args, t) for t in args.layer_types]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
+
+    def __call__(self, input_ids, mask=None, cache=None):
+        x = self.embeddings(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask=mask, cache=None if cache is None else cache[i])
+        return self.norm(x)
+
+
+class Model(nn.Module):
+    """model(input_ids [B, T], mask=None, cache=None) -> logits [B, T, vocab].
+
+    mask [B, T]: True for real tokens (left padding only). cache: model.make_cache(), updated in place.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Backbone(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, input_ids, mask=None, cache=None):
+        if cache is not None:
+            expected = [GatedDeltaNetCache if t == "gdn" else AttentionCache for t in self.args.layer_types]
+            if len(cache) != len(expected) or any(type(c) is not e for c, e in zip(cache, expected)):
+                raise ValueError("model: the cache does not belong to this model (make it with "
+                                 "model.make_cache())")
+        h = self.model(input_ids, mask=mask, cache=cache)
+        if self.args.tie_word_embeddings:
+            return self.model.embeddings.as_linear(h)
+        return self.lm_head(h)
+
+    def make_cache(self):
+        return [GatedDeltaNetCache() if t == "gdn" else AttentionCache() for t in self.args.layer_types]
+
+
+# Presets: the paper's 0.4B sizes (NVlabs: h 1536, 9 GDN heads of K 128 / V 256, tied embeddings,
+# norm eps 1e-5, SWA window 2048) and tiny ones for tests. The 1.3B and H2 presets come with issue 5.
+PRESETS = {
+    "tiny-gdn": dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, head_dim=16, num_heads=2,
+                     expand_v=2, hidden_ratio=2),
+    "tiny-h1": dict(vocab_size=512, hidden_size=64, num_hidden_layers=4, head_dim=16, num_heads=2,
+                    expand_v=2, hidden_ratio=2, layer_types=["gdn", "swa"] * 2, attn_num_heads=4,
+                    window_size=32),
+    "gdn-0.4b": dict(hidden_size=1536, num_hidden_layers=11, head_dim=128, num_heads=9, expand_v=2,
+                     norm_eps=1e-5, tie_word_embeddings=True),
+    "h1-0.4b": dict(hidden_size=1536, num_hidden_layers=12, head_dim=128, num_heads=9, expand_v=2,
+                    norm_eps=1e-5, tie_word_embeddings=True, layer_types=["gdn", "swa"] * 6,
+                    attn_num_heads=12, window_size=2048),
+}
+
+
+def from_preset(name: str) -> Model:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return Model(ModelArgs(**PRESETS[name]))
