@@ -9,7 +9,6 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
-import mlx.core as mx
 import mlx.nn as nn
 
 from ..layers import Attention, GatedDeltaNet, SwiGLU
