@@ -149,19 +149,23 @@ class Model(nn.Module):
         return [GatedDeltaNetCache() if t == "gdn" else AttentionCache() for t in self.args.layer_types]
 
 
-# Presets: the paper's 0.4B sizes (NVlabs: h 1536, 9 GDN heads of K 128 / V 256, tied embeddings,
-# norm eps 1e-5, SWA window 2048) and tiny ones for tests. The 1.3B and H2 presets come with issue 5.
+# Presets. The paper's sizes as NVlabs' lit_gpt builds them: every GDN layer is
+# GatedDeltaNet(hidden_size) with its defaults (9 heads, expand_k 0.75, expand_v 1.5: head_dim =
+# 0.75 h / 9, our expand_v 2), n_head only for the attention layers of H1 (GDN on even layers,
+# SWA window 2048 on odd ones), norm eps 1e-5, tied embeddings, vocab 32000. Tiny ones for tests.
+_NV = dict(num_heads=9, expand_v=2, norm_eps=1e-5, tie_word_embeddings=True, window_size=2048)
 PRESETS = {
     "tiny-gdn": dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, head_dim=16, num_heads=2,
                      expand_v=2, hidden_ratio=2),
     "tiny-h1": dict(vocab_size=512, hidden_size=64, num_hidden_layers=4, head_dim=16, num_heads=2,
                     expand_v=2, hidden_ratio=2, layer_types=["gdn", "swa"] * 2, attn_num_heads=4,
                     window_size=32),
-    "gdn-0.4b": dict(hidden_size=1536, num_hidden_layers=11, head_dim=128, num_heads=9, expand_v=2,
-                     norm_eps=1e-5, tie_word_embeddings=True),
-    "h1-0.4b": dict(hidden_size=1536, num_hidden_layers=12, head_dim=128, num_heads=9, expand_v=2,
-                    norm_eps=1e-5, tie_word_embeddings=True, layer_types=["gdn", "swa"] * 6,
-                    attn_num_heads=12, window_size=2048),
+    "gdn-0.4b": dict(_NV, hidden_size=1536, num_hidden_layers=11, head_dim=128, intermediate_size=6144),
+    "gdn-1.3b": dict(_NV, hidden_size=2400, num_hidden_layers=16, head_dim=200, intermediate_size=5888),
+    "h1-0.4b": dict(_NV, hidden_size=1536, num_hidden_layers=12, head_dim=128, intermediate_size=6144,
+                    layer_types=["gdn", "swa"] * 6, attn_num_heads=12),
+    "h1-1.3b": dict(_NV, hidden_size=2304, num_hidden_layers=18, head_dim=192, intermediate_size=6144,
+                    layer_types=["gdn", "swa"] * 9, attn_num_heads=18),
 }
 
 
