@@ -39,6 +39,35 @@ def _gdn(p, x, cfg):
     return o.reshape(B, T, -1) @ p["o_proj.weight"].T
 
 
+def _mamba2(p, x, cfg):
+    """Mamba2 mixer from its definition: a float64 token loop over S_t = e^{dt A} S + dt x B^T."""
+    Bsz, T, h = x.shape
+    d_inner, N, G, P = cfg["mamba_expand"] * h, cfg["mamba_state_size"], cfg["mamba_n_groups"], cfg["mamba_head_dim"]
+    H = d_inner // P
+    zxbcdt = x @ p["in_proj.weight"].T
+    z, xBC, dt = zxbcdt[..., :d_inner], zxbcdt[..., d_inner:2 * d_inner + 2 * G * N], zxbcdt[..., -H:]
+    K = p["conv1d.weight"].shape[-1]
+    padded = np.concatenate([np.zeros((Bsz, K - 1, xBC.shape[2])), xBC], axis=1)
+    xBC = _silu(sum(padded[:, i:i + T] * p["conv1d.weight"][:, 0, i] for i in range(K)) + p["conv1d.bias"])
+    xs = xBC[..., :d_inner].reshape(Bsz, T, H, P)
+    Bm = xBC[..., d_inner:d_inner + G * N].reshape(Bsz, T, G, N)
+    Cm = xBC[..., d_inner + G * N:].reshape(Bsz, T, G, N)
+    dt = np.log1p(np.exp(dt + p["dt_bias"]))
+    A = -np.exp(p["A_log"])
+    y = np.zeros((Bsz, T, H, P))
+    for b in range(Bsz):
+        for hh in range(H):
+            g = hh // (H // G)
+            S = np.zeros((P, N))
+            for t in range(T):
+                S = np.exp(dt[b, t, hh] * A[hh]) * S + dt[b, t, hh] * np.outer(xs[b, t, hh], Bm[b, t, g])
+                y[b, t, hh] = S @ Cm[b, t, g] + p["D"][hh] * xs[b, t, hh]
+    y = y.reshape(Bsz, T, d_inner) * _silu(z)
+    y = y.reshape(Bsz, T, G, -1)
+    y = (y / np.sqrt((y * y).mean(-1, keepdims=True) + cfg["norm_eps"])).reshape(Bsz, T, d_inner)
+    return (y * p["norm.weight"]) @ p["out_proj.weight"].T
+
+
 def _rope(x, theta):
     """Rotate-half RoPE on x [B, T, heads, d] at positions 0..T-1."""
     d = x.shape[-1]
@@ -78,6 +107,8 @@ def model_reference(weights, cfg, input_ids):
         h = _rms(x, w[pre + "attn_norm.weight"], eps)
         if kind == "gdn":
             x = x + _gdn(sub, h, cfg)
+        elif kind == "mamba2":
+            x = x + _mamba2(sub, h, cfg)
         else:
             x = x + _attention(sub, h, cfg["attn_num_heads"] or cfg["num_heads"],
                                cfg["attn_num_kv_heads"] or cfg["attn_num_heads"] or cfg["num_heads"],

@@ -20,6 +20,8 @@ CONFIGS = {
     "h1-swa": dict(BASE, num_hidden_layers=3, layer_types=["gdn", "swa", "gdn"], attn_num_heads=4,
                    attn_num_kv_heads=2, window_size=16),
     "attn": dict(BASE, layer_types=["attn", "gdn"], attn_num_heads=4),
+    "h2": dict(BASE, num_hidden_layers=3, layer_types=["mamba2", "gdn", "swa"], attn_num_heads=4,
+               window_size=16, mamba_state_size=8, mamba_head_dim=16, mamba_n_groups=2),
 }
 
 
@@ -70,7 +72,7 @@ def test_swa_cache_stays_bounded():
     assert cache[1].keys.shape[2] == 15  # window 16: the token itself plus 15 kept
 
 
-@pytest.mark.parametrize("name", ["gdn", "h1-swa", "attn"])
+@pytest.mark.parametrize("name", ["gdn", "h1-swa", "attn", "h2"])
 def test_left_padded_batch_equals_rows_alone(name):
     model = make_model(name, seed=4)
     rng = np.random.default_rng(5)

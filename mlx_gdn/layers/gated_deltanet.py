@@ -9,11 +9,14 @@ from ..ops import gated_delta_rule
 
 
 class ShortConv(nn.Module):
-    """Causal depthwise convolution + SiLU; weight [C, 1, K] as PyTorch's Conv1d(groups=C, bias=False)."""
+    """Causal depthwise convolution + SiLU; weight [C, 1, K] as PyTorch's Conv1d(groups=C)."""
 
-    def __init__(self, channels: int, kernel_size: int):
+    def __init__(self, channels: int, kernel_size: int, bias: bool = False):
         super().__init__()
-        self.weight = mx.zeros((channels, 1, kernel_size))
+        scale = kernel_size ** -0.5
+        self.weight = mx.random.uniform(-scale, scale, (channels, 1, kernel_size))
+        if bias:
+            self.bias = mx.zeros((channels,))
 
     def __call__(self, x, state=None):
         """x [B, T, C]; state: the previous K - 1 inputs [B, K - 1, C] or None (zeros).
@@ -24,6 +27,8 @@ class ShortConv(nn.Module):
         full = mx.concatenate([state.astype(x.dtype), x], axis=1)
         T = x.shape[1]
         out = sum(full[:, i:i + T] * self.weight[:, 0, i] for i in range(K))
+        if "bias" in self:
+            out = out + self.bias
         return nn.silu(out), full[:, -(K - 1):]
 
 

@@ -12,6 +12,15 @@ class GatedDeltaNetCache:
         self.offset = 0
 
 
+class Mamba2Cache:
+    """Conv state (the last K - 1 pre-conv inputs of x, B, C) and the SSD state [B, H, P, N] float32."""
+
+    def __init__(self):
+        self.conv = None
+        self.state = None
+        self.offset = 0
+
+
 class AttentionCache:
     """Keys and values seen so far; with a window, only the last window - 1 are kept (bounded)."""
 

@@ -1,7 +1,7 @@
 """Gated DeltaNet causal LM and its hybrids (fla's `gated_deltanet` model type, HF layout).
 
 Blocks follow `layer_types`: "gdn" (Gated DeltaNet), "swa" (attention with a sliding window),
-"attn" (full attention). Pre-norm as fla: x + mixer(attn_norm(x)), then + mlp(mlp_norm(x)).
+"attn" (full attention), "mamba2" (Mamba2 SSD mixer, for the paper's H2 hybrid). Pre-norm as fla: x + mixer(attn_norm(x)), then + mlp(mlp_norm(x)).
 Parameter names are fla's state-dict keys, so fla checkpoints load without renaming.
 """
 
@@ -11,10 +11,12 @@ from typing import List, Optional
 
 import mlx.nn as nn
 
-from ..layers import Attention, GatedDeltaNet, SwiGLU
-from .cache import AttentionCache, GatedDeltaNetCache
+from ..layers import Attention, GatedDeltaNet, Mamba2, SwiGLU
+from .cache import AttentionCache, GatedDeltaNetCache, Mamba2Cache
 
-LAYER_TYPES = ("gdn", "swa", "attn")
+LAYER_TYPES = ("gdn", "swa", "attn", "mamba2")
+CACHES = {"gdn": GatedDeltaNetCache, "swa": AttentionCache, "attn": AttentionCache,
+          "mamba2": Mamba2Cache}
 
 
 @dataclass
@@ -41,6 +43,11 @@ class ModelArgs:
     attn_qkv_bias: bool = False
     window_size: Optional[int] = None
     rope_theta: float = 10000.0
+    # Mamba2 layers (mamba_ssm defaults)
+    mamba_state_size: int = 128
+    mamba_expand: int = 2
+    mamba_head_dim: int = 64
+    mamba_n_groups: int = 1
     model_type: str = "gated_deltanet"
     extra: dict = field(default_factory=dict, repr=False)
 
@@ -90,7 +97,10 @@ class Block(nn.Module):
         super().__init__()
         self.layer_type = layer_type
         self.attn_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
-        if layer_type == "gdn":
+        if layer_type == "mamba2":
+            self.attn = Mamba2(args.hidden_size, args.mamba_state_size, args.mamba_expand,
+                               args.mamba_head_dim, args.mamba_n_groups, args.conv_size, args.norm_eps)
+        elif layer_type == "gdn":
             self.attn = GatedDeltaNet(args.hidden_size, args.head_dim, args.num_heads, args.num_v_heads,
                                       args.expand_v, args.conv_size, args.use_gate,
                                       args.use_short_conv, args.allow_neg_eigval, args.norm_eps)
@@ -136,7 +146,7 @@ class Model(nn.Module):
 
     def __call__(self, input_ids, mask=None, cache=None):
         if cache is not None:
-            expected = [GatedDeltaNetCache if t == "gdn" else AttentionCache for t in self.args.layer_types]
+            expected = [CACHES[t] for t in self.args.layer_types]
             if len(cache) != len(expected) or any(type(c) is not e for c, e in zip(cache, expected)):
                 raise ValueError("model: the cache does not belong to this model (make it with "
                                  "model.make_cache())")
@@ -146,7 +156,7 @@ class Model(nn.Module):
         return self.lm_head(h)
 
     def make_cache(self):
-        return [GatedDeltaNetCache() if t == "gdn" else AttentionCache() for t in self.args.layer_types]
+        return [CACHES[t]() for t in self.args.layer_types]
 
 
 # Presets. The paper's sizes as NVlabs' lit_gpt builds them: every GDN layer is
@@ -166,6 +176,11 @@ PRESETS = {
                     layer_types=["gdn", "swa"] * 6, attn_num_heads=12),
     "h1-1.3b": dict(_NV, hidden_size=2304, num_hidden_layers=18, head_dim=192, intermediate_size=6144,
                     layer_types=["gdn", "swa"] * 9, attn_num_heads=18),
+    # H2 (no released code): Mamba2 -> GDN -> SWA repeating, on the H1 sizes
+    "h2-0.4b": dict(_NV, hidden_size=1536, num_hidden_layers=12, head_dim=128, intermediate_size=6144,
+                    layer_types=["mamba2", "gdn", "swa"] * 4, attn_num_heads=12),
+    "h2-1.3b": dict(_NV, hidden_size=2304, num_hidden_layers=18, head_dim=192, intermediate_size=6144,
+                    layer_types=["mamba2", "gdn", "swa"] * 6, attn_num_heads=18),
 }
 
 
