@@ -48,6 +48,7 @@ class ModelArgs:
     mamba_expand: int = 2
     mamba_head_dim: int = 64
     mamba_n_groups: int = 1
+    quantization: Optional[dict] = None  # {"bits", "group_size"} of a quantized model
     model_type: str = "gated_deltanet"
     extra: dict = field(default_factory=dict, repr=False)
 

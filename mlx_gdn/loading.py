@@ -1,0 +1,42 @@
+"""`mlx_gdn.load`: a converted model directory (or a hub id) -> (model, tokenizer)."""
+
+from pathlib import Path
+
+from .models import load_model
+
+MODEL_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json", "tokenizer.model",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+def resolve(path_or_repo):
+    """A local directory as is; anything else is a hub id fetched with huggingface_hub (cached)."""
+    path = Path(path_or_repo)
+    if path.is_dir():
+        return path
+    if path.exists() or str(path_or_repo).startswith((".", "/")):
+        raise FileNotFoundError(f"{path_or_repo}: no such model directory")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(str(path_or_repo), allow_patterns=MODEL_FILES))
+    except Exception as err:
+        raise FileNotFoundError(f"{path_or_repo}: not a local directory, and the hub download failed "
+                                f"({type(err).__name__}: {err}); offline? set HF_HUB_OFFLINE=1 to use "
+                                "the local cache only") from None
+
+
+def load_tokenizer(path):
+    """HF tokenizer.json (tokenizers) if present, else sentencepiece tokenizer.model, else None."""
+    path = Path(path)
+    if (path / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+        return Tokenizer.from_file(str(path / "tokenizer.json"))
+    if (path / "tokenizer.model").is_file():
+        import sentencepiece
+        return sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+    return None
+
+
+def load(path_or_repo):
+    """Returns (model, tokenizer or None)."""
+    path = resolve(path_or_repo)
+    return load_model(path), load_tokenizer(path)
