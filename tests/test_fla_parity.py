@@ -24,7 +24,7 @@ def test_logits_match_fla(variant, mode, monkeypatch):
     ref = np.load(FIXTURES / variant / "logits.npy")
     got = np.array(model(mx.array(ids)))
     assert 1.0 < ref.std() < 2.0
-    assert np.abs(got - ref).max() <= 1e-3  # the bound; measured ~1e-6
+    assert np.abs(got - ref).max() <= 1e-3  # the bound; measured 1e-5 to 5e-5
     assert rms_rel(ref, got) <= 1e-5
 
 
