@@ -8,6 +8,13 @@ import mlx.nn as nn
 from ..ops import gated_delta_rule
 
 
+def init_dt_bias(n):
+    """fla's / mamba_ssm's: dt log-uniform in [1e-3, 0.1] (>= 1e-4), dt_bias its inverse softplus."""
+    dt = mx.exp(mx.random.uniform(0, 1, (n,)) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    dt = mx.maximum(dt, 1e-4)
+    return dt + mx.log(-mx.expm1(-dt))
+
+
 class ShortConv(nn.Module):
     """Causal depthwise convolution + SiLU; weight [C, 1, K] as PyTorch's Conv1d(groups=C)."""
 
@@ -61,13 +68,9 @@ class GatedDeltaNet(nn.Module):
             self.g_proj = nn.Linear(hidden_size, value_dim, bias=False)
         self.o_norm = nn.RMSNorm(self.head_v_dim, eps=norm_eps)
         self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
-        # fla's init: A = U(0, 16) sampled in float32 (bf16 can round it to log 0 = -inf), dt in
-        # [1e-3, 0.1] log-uniformly, dt_bias the inverse softplus of dt
+        # fla's init: A = U(0, 16) sampled in float32 (bf16 can round it to log 0 = -inf)
         self.A_log = mx.log(mx.random.uniform(0.0, 16.0, (self.num_v_heads,)))
-        dt = mx.exp(mx.random.uniform(0, 1, (self.num_v_heads,)) * (math.log(0.1) - math.log(1e-3))
-                    + math.log(1e-3))
-        dt = mx.maximum(dt, 1e-4)
-        self.dt_bias = dt + mx.log(-mx.expm1(-dt))
+        self.dt_bias = init_dt_bias(self.num_v_heads)
 
     def __call__(self, x, mask=None, cache=None):
         """x [B, T, hidden]; mask [B, T] (True for real tokens, left padding) or None;

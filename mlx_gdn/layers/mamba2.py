@@ -1,13 +1,11 @@
 """Mamba2 mixer (SSD) in the mamba_ssm / Hugging Face naming: in_proj, conv1d, dt_bias, A_log, D, norm,
 out_proj. Prefill uses the chunked SSD, decode (few tokens with a cache) the token loop."""
 
-import math
-
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..ops.ssd import ssd_chunked, ssd_recurrent
-from .gated_deltanet import ShortConv
+from .gated_deltanet import ShortConv, init_dt_bias
 
 RECURRENT_MAX_TOKENS = 16
 
@@ -44,12 +42,9 @@ class Mamba2(nn.Module):
         conv_dim = self.d_inner + 2 * n_groups * state_size
         self.in_proj = nn.Linear(hidden_size, self.d_inner + conv_dim + self.num_heads, bias=False)
         self.conv1d = ShortConv(conv_dim, conv_size, bias=True)
-        # mamba_ssm's init: A in [1, 16], dt log-uniform in [1e-3, 0.1], dt_bias its inverse softplus
+        # mamba_ssm's init: A in [1, 16]
         self.A_log = mx.log(mx.random.uniform(1.0, 16.0, (self.num_heads,)))
-        dt = mx.exp(mx.random.uniform(0, 1, (self.num_heads,)) * (math.log(0.1) - math.log(1e-3))
-                    + math.log(1e-3))
-        dt = mx.maximum(dt, 1e-4)
-        self.dt_bias = dt + mx.log(-mx.expm1(-dt))
+        self.dt_bias = init_dt_bias(self.num_heads)
         self.D = mx.ones((self.num_heads,))
         self.norm = GatedRMSNorm(self.d_inner, n_groups, norm_eps)
         self.out_proj = nn.Linear(self.d_inner, hidden_size, bias=False)
