@@ -1,0 +1,39 @@
+"""Convert fla (Hugging Face) Gated DeltaNet checkpoints to mlx_gdn, and back.
+
+    python convert.py --hf-path <hub id | dir> --mlx-path <out dir> [--dtype bfloat16] [-q --q-bits 4]
+    python convert.py --to-hf --mlx-path <dir> --hf-path <out dir> [--dtype float32]
+"""
+
+import argparse
+import sys
+
+from mlx_gdn.convert import ConversionError, convert, to_hf
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hf-path", required=True, help="fla checkpoint: hub id or local directory "
+                   "(with --to-hf: the output directory)")
+    p.add_argument("--mlx-path", required=True, help="mlx_gdn directory (output, or input with --to-hf)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("-q", "--quantize", action="store_true")
+    p.add_argument("--q-bits", type=int, default=4, choices=[4, 8])
+    p.add_argument("--q-group-size", type=int, default=64)
+    p.add_argument("--to-hf", action="store_true", help="export an mlx_gdn directory for fla / PyTorch")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    args = p.parse_args(argv)
+    try:
+        if args.to_hf:
+            out = to_hf(args.mlx_path, args.hf_path, dtype=args.dtype or "float32", force=args.force)
+        else:
+            out = convert(args.hf_path, args.mlx_path, dtype=args.dtype, quantize=args.quantize,
+                          q_bits=args.q_bits, q_group_size=args.q_group_size, force=args.force)
+    except (ConversionError, FileNotFoundError) as err:
+        print(f"convert.py: error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

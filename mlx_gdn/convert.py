@@ -1,0 +1,197 @@
+"""Checkpoint conversion: fla Hugging Face checkpoints -> mlx_gdn directories, and back (`to_hf`).
+
+Reads fla's `gated_deltanet` layout (config.json + model.safetensors, sharded safetensors with an
+index, or pytorch_model.bin through torch.load(weights_only=True)); all renaming lives in
+`sanitize`. Output is written to a temporary directory and renamed at the end.
+"""
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .loading import resolve
+from .models import Model, ModelArgs, load_model, quantize_model, save_model
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+class ConversionError(ValueError):
+    """Bad input to a conversion: one message naming the file and the problem."""
+
+
+def read_config(path: Path) -> dict:
+    file = path / "config.json"
+    if not file.is_file():
+        raise ConversionError(f"{path}: no config.json (empty directory or not a checkpoint)")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConversionError(f"{file}: not valid JSON ({err})") from None
+    if config.get("model_type") != "gated_deltanet":
+        raise ConversionError(f"{file}: unsupported model_type {config.get('model_type')!r} "
+                              "(expected 'gated_deltanet')")
+    return config
+
+
+def _load_safetensors(file: Path) -> dict:
+    try:
+        return mx.load(str(file))  # lazy: each tensor is read when first used
+    except Exception as err:
+        raise ConversionError(f"{file}: corrupt or truncated safetensors ({err})") from None
+
+
+def read_weights(path: Path) -> dict:
+    """All tensors of a checkpoint directory, as mx arrays (safetensors lazily)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weights = {}
+        for shard in shards:
+            if not (path / shard).is_file():
+                raise ConversionError(f"{index}: shard {shard} is missing")
+            weights.update(_load_safetensors(path / shard))
+        return weights
+    if (path / "model.safetensors").is_file():
+        return _load_safetensors(path / "model.safetensors")
+    if (path / "pytorch_model.bin").is_file():
+        return _load_torch(path / "pytorch_model.bin")
+    raise ConversionError(f"{path}: no model.safetensors, model.safetensors.index.json or "
+                          "pytorch_model.bin")
+
+
+def _load_torch(file: Path) -> dict:
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError(f"{file}: reading .bin/.pth files needs torch "
+                              "(pip install 'mlx_gdn[convert]')") from None
+    try:
+        state = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as err:  # a pickle that needs code is refused by weights_only
+        raise ConversionError(f"{file}: refused or unreadable ({type(err).__name__}: {err})") from None
+    return {k: mx.array(v.float().numpy()).astype(_torch_dtype(v)) for k, v in state.items()}
+
+
+def _torch_dtype(tensor):
+    return {"torch.bfloat16": mx.bfloat16, "torch.float16": mx.float16}.get(str(tensor.dtype), mx.float32)
+
+
+def sanitize(weights: dict, args: ModelArgs) -> dict:
+    """fla's keys are ours; drop what fla keeps but does not use (attn.D of older checkpoints, a tied
+    lm_head)."""
+    out = {k: v for k, v in weights.items() if not k.endswith(".attn.D")}
+    if args.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def check_weights(weights: dict, model: Model, source: Path):
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unknown = sorted(set(weights) - set(expected))
+    if unknown:
+        raise ConversionError(f"{source}: unknown keys {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    if missing:
+        raise ConversionError(f"{source}: missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for name, value in weights.items():
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise ConversionError(f"{source}: {name} has shape {tuple(value.shape)}, expected "
+                                  f"{tuple(expected[name].shape)}")
+
+
+def _claim(out: Path, force: bool):
+    if out.exists() and not force:
+        raise ConversionError(f"{out} exists (use --force to replace it)")
+
+
+def convert(hf_path, mlx_path, dtype=None, quantize=False, q_bits=4, q_group_size=64, force=False):
+    """fla checkpoint (directory or hub id) -> mlx_gdn directory. Returns the output path."""
+    out = Path(mlx_path)
+    _claim(out, force)
+    src = resolve(hf_path)
+    config = read_config(src)
+    args = ModelArgs.from_dict(config)
+    model = Model(args)  # parameters stay lazy: the random init is never computed
+    weights = sanitize(read_weights(src), args)
+    check_weights(weights, model, src)
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        # A_log and dt_bias stay float32 (fla keeps the gate in float32; bf16 can round A to 0)
+        weights = {k: v if k.endswith(("A_log", "dt_bias")) else v.astype(DTYPES[dtype])
+                   for k, v in weights.items()}
+    model.load_weights(list(weights.items()))
+    if quantize:
+        quantize_model(model, bits=q_bits, group_size=q_group_size)
+    save_model(model, out, extra_files=[src / f for f in TOKENIZER_FILES if (src / f).is_file()])
+    return out
+
+
+def fla_config(args: ModelArgs) -> dict:
+    """Our config as fla's GatedDeltaNetConfig fields (hybrid layers as its `attn` spec)."""
+    config = dict(args.extra)
+    fields = ("vocab_size", "hidden_size", "num_hidden_layers", "head_dim", "num_heads", "num_v_heads",
+              "expand_v", "conv_size", "use_gate", "use_short_conv", "allow_neg_eigval", "hidden_ratio",
+              "intermediate_size", "norm_eps", "tie_word_embeddings")
+    values = dataclasses.asdict(args)
+    config.update({f: values[f] for f in fields}, model_type="gated_deltanet")
+    config.setdefault("architectures", ["GatedDeltaNetForCausalLM"])
+    kinds = set(args.layer_types) - {"gdn"}
+    if "mamba2" in kinds:
+        raise ConversionError("--to-hf: fla has no Mamba2 layers (H2 models stay in MLX)")
+    if kinds:
+        attn = [i for i, t in enumerate(args.layer_types) if t != "gdn"]
+        if kinds == {"swa", "attn"}:
+            raise ConversionError("--to-hf: fla's attn spec takes one window for all attention layers")
+        config["attn"] = {"layers": attn, "num_heads": args.attn_num_heads or args.num_heads,
+                          "num_kv_heads": args.attn_num_kv_heads or args.attn_num_heads or args.num_heads,
+                          "qkv_bias": args.attn_qkv_bias, "rope_theta": args.rope_theta,
+                          "window_size": args.window_size if kinds == {"swa"} else None}
+    else:
+        config["attn"] = None
+    return config
+
+
+def to_hf(mlx_path, hf_path, dtype="float32", force=False):
+    """mlx_gdn directory -> fla checkpoint (config.json + model.safetensors), de-quantized."""
+    out = Path(hf_path)
+    _claim(out, force)
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    src = Path(mlx_path)
+    model = load_model(src)
+    weights = {}
+    for name, module in model.named_modules():  # de-quantize
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            weights[f"{name}.weight"] = mx.dequantize(module.weight, module.scales, module.biases,
+                                                      module.group_size, module.bits)
+    for name, value in tree_flatten(model.parameters()):
+        if not name.endswith((".scales", ".biases")) and name not in weights:
+            weights[name] = value
+    weights = {k: v if k.endswith(("A_log", "dt_bias")) else v.astype(DTYPES[dtype])
+               for k, v in weights.items()}
+    config = fla_config(model.args)
+    config["dtype"] = dtype
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
+        for f in TOKENIZER_FILES:
+            if (src / f).is_file():
+                shutil.copy(src / f, tmp / f)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
