@@ -16,13 +16,13 @@ from mlx.utils import tree_flatten
 
 from .loading import resolve
 from .models import Model, ModelArgs, load_model, quantize_model, save_model
+from .models.io import CheckpointError, check_weights, config_of, read_safetensors_dir, write_model_dir
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
-class ConversionError(ValueError):
-    """Bad input to a conversion: one message naming the file and the problem."""
+ConversionError = CheckpointError  # bad input to a conversion: one message naming file and problem
 
 
 def read_config(path: Path) -> dict:
@@ -39,28 +39,13 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def _load_safetensors(file: Path) -> dict:
-    try:
-        return mx.load(str(file))  # lazy: each tensor is read when first used
-    except Exception as err:
-        raise ConversionError(f"{file}: corrupt or truncated safetensors ({err})") from None
-
-
-def read_weights(path: Path) -> dict:
-    """All tensors of a checkpoint directory, as mx arrays (safetensors lazily)."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        weights = {}
-        for shard in shards:
-            if not (path / shard).is_file():
-                raise ConversionError(f"{index}: shard {shard} is missing")
-            weights.update(_load_safetensors(path / shard))
-        return weights
-    if (path / "model.safetensors").is_file():
-        return _load_safetensors(path / "model.safetensors")
+def read_weights(path: Path):
+    """A checkpoint directory's tensors as a list of dicts, one per file (safetensors lazily)."""
+    shards = read_safetensors_dir(path)
+    if shards is not None:
+        return shards
     if (path / "pytorch_model.bin").is_file():
-        return _load_torch(path / "pytorch_model.bin")
+        return [_load_torch(path / "pytorch_model.bin")]
     raise ConversionError(f"{path}: no model.safetensors, model.safetensors.index.json or "
                           "pytorch_model.bin")
 
@@ -91,45 +76,41 @@ def sanitize(weights: dict, args: ModelArgs) -> dict:
     return out
 
 
-def check_weights(weights: dict, model: Model, source: Path):
-    expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    unknown = sorted(set(weights) - set(expected))
-    if unknown:
-        raise ConversionError(f"{source}: unknown keys {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
-    if missing:
-        raise ConversionError(f"{source}: missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    for name, value in weights.items():
-        if tuple(value.shape) != tuple(expected[name].shape):
-            raise ConversionError(f"{source}: {name} has shape {tuple(value.shape)}, expected "
-                                  f"{tuple(expected[name].shape)}")
-
-
 def _claim(out: Path, force: bool):
     if out.exists() and not force:
         raise ConversionError(f"{out} exists (use --force to replace it)")
 
 
 def convert(hf_path, mlx_path, dtype=None, quantize=False, q_bits=4, q_group_size=64, force=False):
-    """fla checkpoint (directory or hub id) -> mlx_gdn directory. Returns the output path."""
+    """fla checkpoint (directory or hub id) -> mlx_gdn directory. Returns the output path.
+
+    Without quantization, tensors go through shard by shard (each read, cast and written, then
+    released), so memory stays near one shard; quantizing builds the whole model."""
     out = Path(mlx_path)
     _claim(out, force)
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     src = resolve(hf_path)
-    config = read_config(src)
-    args = ModelArgs.from_dict(config)
+    args = ModelArgs.from_dict(read_config(src))
     model = Model(args)  # parameters stay lazy: the random init is never computed
-    weights = sanitize(read_weights(src), args)
-    check_weights(weights, model, src)
-    if dtype is not None:
-        if dtype not in DTYPES:
-            raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        # A_log and dt_bias stay float32 (fla keeps the gate in float32; bf16 can round A to 0)
-        weights = {k: v if k.endswith(("A_log", "dt_bias")) else v.astype(DTYPES[dtype])
-                   for k, v in weights.items()}
-    model.load_weights(list(weights.items()))
+    shards = [sanitize(shard, args) for shard in read_weights(src)]
+    check_weights({k: v for shard in shards for k, v in shard.items()}, model, src)
+    # A_log and dt_bias stay float32 (fla keeps the gate in float32; bf16 can round A to 0)
+    cast = lambda k, v: v if dtype is None or k.endswith(("A_log", "dt_bias")) else v.astype(DTYPES[dtype])
+    extra = [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
     if quantize:
+        model.load_weights([(k, cast(k, v)) for shard in shards for k, v in shard.items()])
         quantize_model(model, bits=q_bits, group_size=q_group_size)
-    save_model(model, out, extra_files=[src / f for f in TOKENIZER_FILES if (src / f).is_file()])
+        save_model(model, out, extra_files=extra)
+        return out
+
+    def stream():
+        while shards:
+            shard = shards.pop(0)
+            yield {k: cast(k, v) for k, v in shard.items()}
+
+    n = len(shards)
+    write_model_dir(out, config_of(model), n, stream(), extra_files=extra)
     return out
 
 

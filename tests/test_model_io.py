@@ -61,11 +61,11 @@ def test_bad_directories(model, tmp_path):
         load_model(tmp_path)
     save_model(model, tmp_path / "m")
     (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="cannot read it as safetensors"):
+    with pytest.raises(ValueError, match="corrupt or truncated safetensors"):
         load_model(tmp_path / "m")
     save_model(from_preset("tiny-gdn"), tmp_path / "g")
     (tmp_path / "m" / "model.safetensors").write_bytes((tmp_path / "g" / "model.safetensors").read_bytes())
-    with pytest.raises(ValueError, match="missing keys"):
+    with pytest.raises(ValueError, match="unknown keys"):  # tiny-gdn weights in a tiny-h1 directory
         load_model(tmp_path / "m")
     with pytest.raises(ValueError, match="bits must be 4 or 8"):
         quantize_model(model, bits=3)

@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten
 from .gated_deltanet import Model, ModelArgs
 
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
 
 
 def _quantizable(group_size):
@@ -31,17 +32,33 @@ def quantize_model(model: Model, bits: int = 4, group_size: int = 64) -> dict:
     return model.args.quantization
 
 
-def save_model(model: Model, path, extra_files=()):
-    """Writes config.json and model.safetensors into `path` via a temporary directory, renamed at the end."""
-    path = Path(path)
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as it is: one message naming the file and the problem."""
+
+
+def config_of(model: Model) -> dict:
     config = {k: v for k, v in dataclasses.asdict(model.args).items() if k != "extra"}
     config.update(model.args.extra)
+    return config
+
+
+def write_model_dir(path, config: dict, n_shards: int, shards, extra_files=()):
+    """Writes config.json, the weights (`shards` yields n_shards dicts, written and released one at a
+    time: model.safetensors, or model-0000i-of-0000n.safetensors + index) and extra files, through a
+    temporary directory renamed at the end."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        mx.save_safetensors(str(tmp / WEIGHTS), dict(tree_flatten(model.parameters())),
-                            metadata={"format": "mlx"})
+        weight_map = {}
+        for i, tensors in enumerate(shards):
+            name = WEIGHTS if n_shards == 1 else f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+            mx.save_safetensors(str(tmp / name), tensors, metadata={"format": "mlx"})
+            weight_map.update({k: name for k in tensors})
+            del tensors
+        if n_shards > 1:
+            (tmp / INDEX).write_text(json.dumps({"weight_map": weight_map}, indent=1))
         for f in extra_files:
             shutil.copy(f, tmp / Path(f).name)
         if path.exists():
@@ -52,35 +69,66 @@ def save_model(model: Model, path, extra_files=()):
         raise
 
 
+def save_model(model: Model, path, extra_files=()):
+    """Writes config.json and model.safetensors into `path` via a temporary directory."""
+    write_model_dir(path, config_of(model), 1, [dict(tree_flatten(model.parameters()))], extra_files)
+
+
+def _load_safetensors(file: Path) -> dict:
+    try:
+        return mx.load(str(file))
+    except Exception as err:
+        raise CheckpointError(f"{file}: corrupt or truncated safetensors ({err})") from None
+
+
+def read_safetensors_dir(path: Path):
+    """The tensors of model.safetensors, or of each shard named by model.safetensors.index.json, as a
+    list of dicts (one per file), or None when the directory has neither."""
+    index = path / INDEX
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: shard {missing[0]} is missing")
+        return [_load_safetensors(path / s) for s in shards]
+    if (path / WEIGHTS).is_file():
+        return [_load_safetensors(path / WEIGHTS)]
+    return None
+
+
+def check_weights(weights: dict, model: Model, source):
+    """Names and shapes of `weights` against the model's parameters."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unknown = sorted(set(weights) - set(expected))
+    more = lambda names: " ..." if len(names) > 5 else ""
+    if unknown:
+        raise CheckpointError(f"{source}: unknown keys {unknown[:5]}{more(unknown)}")
+    if missing:
+        raise CheckpointError(f"{source}: missing keys {missing[:5]}{more(missing)}")
+    for name, value in weights.items():
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"{source}: {name} has shape {tuple(value.shape)}, expected "
+                                  f"{tuple(expected[name].shape)}")
+
+
 def load_model(path) -> Model:
-    """Builds the model from config.json and loads model.safetensors (quantized if the config says so)."""
+    """Builds the model from config.json and loads its weights (quantized if the config says so)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
     try:
         config = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path / 'config.json'}: not valid JSON ({err})") from None
+        raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({err})") from None
     model = Model(ModelArgs.from_dict(config))
     if model.args.quantization:
         quantize_model(model, **model.args.quantization)
-    weights_file = path / WEIGHTS
-    if not weights_file.is_file():
-        raise FileNotFoundError(f"{path}: no {WEIGHTS}")
-    try:
-        weights = mx.load(str(weights_file))
-    except Exception as err:
-        raise ValueError(f"{weights_file}: cannot read it as safetensors ({err})") from None
-    expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    unknown = sorted(set(weights) - set(expected))
-    if missing or unknown:
-        raise ValueError(f"{weights_file}: missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unknown keys {unknown[:5]}{'...' if len(unknown) > 5 else ''}")
-    for name, value in weights.items():
-        if value.shape != expected[name].shape:
-            raise ValueError(f"{weights_file}: {name} has shape {tuple(value.shape)}, "
-                             f"expected {tuple(expected[name].shape)}")
+    shards = read_safetensors_dir(path)
+    if shards is None:
+        raise FileNotFoundError(f"{path}: no {WEIGHTS} or {INDEX}")
+    weights = {k: v for shard in shards for k, v in shard.items()}
+    check_weights(weights, model, path)
     model.load_weights(list(weights.items()))
     mx.eval(model.parameters())
     return model
