@@ -131,3 +131,26 @@ def test_cli(tmp_path):
     bad = run("--hf-path", str(tmp_path / "nowhere"), "--mlx-path", str(tmp_path / "x"))
     assert bad.returncode == 1
     assert bad.stderr.strip().count("\n") == 0 and "no such model directory" in bad.stderr
+
+
+def _hub_cache(root: Path, repo: str, source: Path):
+    """A Hugging Face cache holding `repo` (what snapshot_download leaves behind)."""
+    folder = root / "hub" / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / ("0" * 40)
+    shutil.copytree(source, snapshot)
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+
+
+def test_hub_id_from_the_offline_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    _hub_cache(tmp_path / "hf", "fla-hub/tiny-gdn", FIXTURES / "plain")
+    convert("fla-hub/tiny-gdn", tmp_path / "out")
+    ids, ref = fla_logits("plain")
+    assert np.abs(np.array(load_model(tmp_path / "out")(mx.array(ids))) - ref).max() <= 1e-3
+    with pytest.raises(FileNotFoundError, match="not a local directory, and the hub download failed"):
+        convert("fla-hub/not-cached", tmp_path / "out2")
