@@ -1,5 +1,6 @@
 """`mlx_gdn.load`: a converted model directory (or a hub id) -> (model, tokenizer)."""
 
+import json
 from pathlib import Path
 
 from .models import load_model
@@ -24,15 +25,32 @@ def resolve(path_or_repo):
                                 "the local cache only") from None
 
 
+def _special_ids(path, backend):
+    """(eos, bos) ids of a tokenizers.Tokenizer from tokenizer_config.json / special_tokens_map.json."""
+    ids = []
+    for key in ("eos_token", "bos_token"):
+        token = None
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            if token is None and (path / name).is_file():
+                token = json.loads((path / name).read_text()).get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        ids.append(backend.token_to_id(token) if token else None)
+    return ids
+
+
 def load_tokenizer(path):
-    """HF tokenizer.json (tokenizers) if present, else sentencepiece tokenizer.model, else None."""
+    """HF tokenizer.json (tokenizers) if present, else sentencepiece tokenizer.model, else None;
+    wrapped in mlx_gdn.generate.Tokenizer."""
+    from .generate import Tokenizer
     path = Path(path)
     if (path / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-        return Tokenizer.from_file(str(path / "tokenizer.json"))
+        import tokenizers
+        backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        eos, bos = _special_ids(path, backend)
+        return Tokenizer(backend, eos_token_id=eos, bos_token_id=bos)
     if (path / "tokenizer.model").is_file():
         import sentencepiece
-        return sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+        return Tokenizer(sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model")))
     return None
 
 

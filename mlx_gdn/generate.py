@@ -1,0 +1,110 @@
+"""Text generation: prefill through the chunked path, then one token at a time with the decode caches.
+
+Sampling (temperature, top-p, top-k, min-p) and the repetition penalty are mlx-lm's
+(`mlx_lm.sample_utils`); `stream_generate` yields text as it is produced, `generate` returns it all.
+"""
+
+import time
+from dataclasses import dataclass
+from typing import Iterator, List, Optional
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+
+class Tokenizer:
+    """One interface over sentencepiece (`tokenizer.model`) and HF `tokenizers` (`tokenizer.json`)."""
+
+    def __init__(self, backend, eos_token_id=None, bos_token_id=None):
+        self.backend = backend
+        self.is_sentencepiece = hasattr(backend, "IdToPiece")
+        if self.is_sentencepiece:
+            eos_token_id = backend.eos_id() if eos_token_id is None else eos_token_id
+            bos_token_id = backend.bos_id() if bos_token_id is None else bos_token_id
+        self.eos_token_id = eos_token_id if eos_token_id is not None and eos_token_id >= 0 else None
+        self.bos_token_id = bos_token_id if bos_token_id is not None and bos_token_id >= 0 else None
+
+    def encode(self, text: str, add_bos: bool = True) -> List[int]:
+        ids = self.backend.encode(text) if self.is_sentencepiece else self.backend.encode(text).ids
+        if add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id] + list(ids)
+        return list(ids)
+
+    def decode(self, ids: List[int]) -> str:
+        ids = [i for i in ids if i not in (self.bos_token_id, self.eos_token_id)]
+        return self.backend.decode(ids)
+
+
+@dataclass
+class Response:
+    text: str  # the new text since the previous response
+    token: Optional[int]
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory_gb: float
+    finish_reason: Optional[str] = None  # "stop" (EOS or a stop string) or "length"
+
+
+def generate_tokens(model, prompt: mx.array, max_tokens: int, sampler=None, logits_processors=(),
+                    mask=None):
+    """prompt [B, T] token ids -> yields next tokens [B] (prefill once, then single-token steps)."""
+    sampler = sampler or make_sampler()
+    cache = model.make_cache()
+    tokens = prompt
+    logits = model(prompt, mask=mask, cache=cache)[:, -1]
+    for _ in range(max_tokens):
+        for processor in logits_processors:
+            logits = processor(tokens, logits)
+        token = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        mx.eval(token)
+        yield token
+        tokens = mx.concatenate([tokens, token[:, None]], axis=1)
+        logits = model(token[:, None], cache=cache)[:, -1]
+
+
+def stream_generate(model, tokenizer: Tokenizer, prompt: str, max_tokens: int = 256, temp: float = 0.0,
+                    top_p: float = 0.0, top_k: int = 0, min_p: float = 0.0,
+                    repetition_penalty: Optional[float] = None, stop: tuple = ()) -> Iterator[Response]:
+    if not prompt:
+        raise ValueError("generate: the prompt is empty")
+    if max_tokens < 1:
+        raise ValueError(f"generate: max_tokens must be at least 1, got {max_tokens}")
+    ids = tokenizer.encode(prompt)
+    sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
+    processors = make_logits_processors(repetition_penalty=repetition_penalty)
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    generated, text, emitted, prompt_tps = [], "", 0, 0.0
+    hold = max((len(x) for x in stop), default=1) - 1  # text that may still become a stop string
+    steps = generate_tokens(model, mx.array([ids]), max_tokens, sampler, processors)
+    for n, token in enumerate(steps, start=1):
+        if n == 1:
+            prompt_tps = len(ids) / (time.perf_counter() - start)
+            start = time.perf_counter()
+        token = token.item()
+        finish, end = None, None
+        if token == tokenizer.eos_token_id:
+            finish = "stop"
+        else:
+            generated.append(token)
+            text = tokenizer.decode(generated)
+            hits = [text.find(x, max(0, emitted - hold)) for x in stop]
+            hits = [h for h in hits if h >= 0]
+            if hits:
+                finish, end = "stop", min(hits)
+        if finish is None and n == max_tokens:
+            finish = "length"
+        if end is None:
+            end = len(text) if finish else max(emitted, len(text) - hold)
+        piece, emitted = text[emitted:end], max(emitted, end)
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        yield Response(piece, token, len(ids), prompt_tps, n, n / elapsed,
+                       mx.get_peak_memory() / 1e9, finish)
+        if finish:
+            return
+
+
+def generate(model, tokenizer: Tokenizer, prompt: str, **kwargs) -> str:
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))
