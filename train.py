@@ -1,0 +1,36 @@
+"""Train or fine-tune a Gated DeltaNet model (first step of issue 7: full fine-tuning / from a preset).
+
+    python train.py --model tiny-gdn --tokenizer tok/tokenizer.model --data corpus.txt --out runs/tiny
+    python train.py --model <converted dir> --data <dir with train.jsonl> --out runs/ft --resume
+"""
+
+import argparse
+import dataclasses
+import sys
+
+from mlx_gdn.train import DataError, TrainConfig, train
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type is bool or field.type == "bool":
+            p.add_argument(flag, action="store_true")
+        elif field.default is dataclasses.MISSING:
+            p.add_argument(flag, required=True)
+        else:
+            kind = type(field.default) if field.default is not None else str
+            p.add_argument(flag, type=kind, default=field.default)
+    cfg = TrainConfig(**vars(p.parse_args(argv)))
+    try:
+        train(cfg)
+    except (DataError, ValueError, FileNotFoundError, FloatingPointError) as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {cfg.out}/model, {cfg.out}/log.jsonl, {cfg.out}/loss.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
