@@ -1,5 +1,6 @@
 """Generate text with a Gated DeltaNet model (mlx-lm's flags where they exist).
 
+    python generate.py --prompt "A list comprehension"            # the embedded default model
     python generate.py --model <converted dir or hub id> --prompt "Once upon a time" --max-tokens 100
 """
 
@@ -9,12 +10,13 @@ import sys
 import mlx.core as mx
 
 import mlx_gdn
-from mlx_gdn.generate import stream_generate
+from mlx_gdn.generate import DEFAULT_MODEL, stream_generate
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="converted model directory or hub id")
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help="converted model directory or hub id (default: the embedded model)")
     p.add_argument("--prompt", required=True, help="the prompt, or - to read it from stdin")
     p.add_argument("--max-tokens", "-m", type=int, default=100)
     p.add_argument("--temp", type=float, default=0.0)

@@ -6,10 +6,15 @@ Sampling (temperature, top-p, top-k, min-p) and the repetition penalty are mlx-l
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, List, Optional
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+
+# A small GDN trained by scripts/make_default_model.py on Python's documentation (PSF License 2.0)
+DEFAULT_MODEL = Path(__file__).parent / "default_model"
 
 
 class Tokenizer:

@@ -1,0 +1,89 @@
+"""Reproduces the embedded default model: a small Gated DeltaNet trained by this project's train.py on
+Python's own documentation (PSF License 2.0), with a sentencepiece tokenizer trained on the same text.
+
+Text: the language-reference topics that ship with CPython (pydoc_data.topics) and the docstrings of
+the standard library's modules, classes and functions, as found in this interpreter.
+
+    python scripts/make_default_model.py --out mlx_gdn/default_model --iters 1500
+"""
+
+import argparse
+import importlib
+import inspect
+import json
+import random
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import sentencepiece
+
+from mlx_gdn.models import PRESETS
+from mlx_gdn.train import TrainConfig, train
+
+PRESETS.setdefault("default-gdn", dict(vocab_size=2048, hidden_size=192, num_hidden_layers=4,
+                                       head_dim=32, num_heads=3, expand_v=2, hidden_ratio=2,
+                                       tie_word_embeddings=True))
+
+
+def stdlib_docstrings():
+    docs = []
+    warnings.simplefilter("ignore")
+    for name in sorted(sys.stdlib_module_names):
+        if name.startswith("_") or name in ("antigravity", "this", "idlelib", "tkinter", "turtle"):
+            continue
+        try:
+            module = importlib.import_module(name)
+        except Exception:
+            continue
+        for obj in [module] + [v for _, v in inspect.getmembers(module)
+                               if inspect.isclass(v) or inspect.isfunction(v)]:
+            doc = inspect.getdoc(obj)
+            if doc and len(doc) > 200 and getattr(obj, "__module__", name) in (name, None):
+                docs.append(doc)
+    return list(dict.fromkeys(docs))
+
+
+def documents():
+    import pydoc_data.topics
+    return list(pydoc_data.topics.topics.values()) + stdlib_docstrings()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="mlx_gdn/default_model")
+    p.add_argument("--iters", type=int, default=1500)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="default_model."))
+    docs = documents()
+    random.Random(0).shuffle(docs)
+    n_valid = max(1, len(docs) // 50)
+    (work / "data").mkdir()
+    for split, rows in (("valid", docs[:n_valid]), ("train", docs[n_valid:])):
+        with open(work / "data" / f"{split}.jsonl", "w") as f:
+            for doc in rows:
+                f.write(json.dumps({"text": doc}) + "\n")
+    (work / "all.txt").write_text("\n".join(docs))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(work / "all.txt"), model_prefix=str(work / "tokenizer"), vocab_size=2048,
+        model_type="bpe", character_coverage=1.0, byte_fallback=True, minloglevel=2,
+        input_sentence_size=2_000_000, shuffle_input_sentence=True)
+    print(f"{len(docs)} documents, {sum(len(d) for d in docs) / 1e6:.1f} M characters")
+    cfg = TrainConfig(model="default-gdn", tokenizer=str(work / "tokenizer.model"), data=str(work / "data"),
+                      out=str(work / "run"), seq_len=args.seq_len, batch_size=args.batch_size,
+                      iters=args.iters, lr=3e-3, warmup=50, save_every=250, eval_every=250)
+    train(cfg)
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(work / "run" / "model", out)
+    shutil.copy(work / "run" / "log.jsonl", out / "train_log.jsonl")
+    shutil.copy(work / "run" / "loss.png", out / "loss.png")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
