@@ -20,15 +20,21 @@ def emulated():
 
 
 SCAN_CASES = [
-    # N, B, HV, C, K, V, segments (None: one per batch row)
-    (3, 2, 2, 16, 32, 32, None),
-    (4, 1, 3, 16, 60, 100, None),       # D not a multiple of 32, V not a multiple of the tile
-    (5, 1, 2, 32, 64, 48, ((0, 1), (1, 4), (4, 5))),  # varlen: three segments
+    # N, B, HV, C, K, V, segments (None: one per batch row), value tile
+    (3, 2, 2, 16, 32, 32, None, 16),
+    (4, 1, 3, 16, 60, 100, None, 16),       # D not a multiple of 32, V not a multiple of the tile
+    (5, 1, 2, 32, 64, 48, ((0, 1), (1, 4), (4, 5)), 16),  # varlen: three segments
+    (2, 1, 1, 64, 128, 40, None, 32),       # the GPU shape's K and C; tile wider than V's rest
+    (2, 1, 1, 64, 200, 24, None, 8),        # more state rows than threads per row group
+    (2, 1, 2, 64, 128, 64, None, (16, 256)),  # 256 threads per threadgroup
 ]
 
 
-@pytest.mark.parametrize("N,B,HV,C,K,V,segments", SCAN_CASES)
-def test_scan_kernels_match_ops(emulated, N, B, HV, C, K, V, segments):
+@pytest.mark.parametrize("N,B,HV,C,K,V,segments,tile", SCAN_CASES)
+def test_scan_kernels_match_ops(emulated, monkeypatch, N, B, HV, C, K, V, segments, tile):
+    tile, threads = tile if isinstance(tile, tuple) else (tile, 128)
+    monkeypatch.setattr(kernels, "SCAN_TILE", tile)
+    monkeypatch.setattr(kernels, "SCAN_THREADS", threads)
     segments = segments or ((0, N),)
     S = len(segments)
     rng = np.random.default_rng(N * K + V)
@@ -46,6 +52,15 @@ def test_scan_kernels_match_ops(emulated, N, B, HV, C, K, V, segments):
     got = kernels.scan_backward(PdO, QdO, Kt, W, decay, dhT, segments)
     for name, a, b in zip(("du", "dh_next", "dh0"), ref, got):
         assert rms_rel(np.array(a), np.array(b)) <= FP32_TOL, name
+
+
+@pytest.mark.parametrize("C", [16, 64])
+def test_unit_lower_inverse_kernel_matches_float64(emulated, C):
+    rng = np.random.default_rng(C)
+    A = np.tril(rng.standard_normal((3, C, C)) * 0.3, -1)
+    got = np.array(kernels.unit_lower_inverse(mx.array(A.astype(np.float32))))
+    want = np.linalg.inv(np.eye(C) + A)
+    assert rms_rel(want, got) <= FP32_TOL
 
 
 OP_CASES = [

@@ -15,12 +15,14 @@ import metal_kernels
 SPECS = {
     "decode_step": (["q", "k", "v", "g", "beta", "A_log", "dt_bias", "scale", "state_in"],
                     ["o", "state_out"]),
-    "chunk_scan_fwd": (["W", "U", "Kt", "decay", "h0", "seg_first", "seg_last"],
-                       ["states", "v_new", "h_final"]),
-    "chunk_scan_bwd": (["PdO", "QdO", "Kt", "W", "decay", "dh_final", "seg_first", "seg_last"],
-                       ["du", "dh_next", "dh0"]),
+    "chunk_scan": (["A", "X", "Bm", "Y", "decay", "h_in", "seg_start", "seg_end"],
+                   ["states", "x_new", "h_out"]),
+    "unit_lower_inverse": (["A"], ["T"]),
 }
-TG_COLUMNS = 4  # value columns (SIMD groups) per threadgroup
+TG_COLUMNS = 4  # decode: value columns (SIMD groups) per threadgroup
+SCAN_TILE = 16  # chunk scan: value columns per threadgroup (smaller where threadgroup memory is short)
+SCAN_THREADS = 128
+THREADGROUP_BYTES = 32768  # Metal's limit
 
 _override = None  # (backend name, factory) while use_factory is active
 _compiled = {}
@@ -36,6 +38,11 @@ def backend():
     if hasattr(mx, "cuda") and mx.cuda.is_available():
         return "cuda"
     return "ops"
+
+
+def overridden():
+    """Whether use_factory is active (kernels built by something other than MLX, e.g. the emulator)."""
+    return _override is not None
 
 
 @contextlib.contextmanager
@@ -67,45 +74,67 @@ def get_kernel(name):
     return _compiled[key]
 
 
-def _segment_flags(segments, N):
-    first, last = [-1] * N, [-1] * N
+def _scan_flags(segments, N, reverse):
+    """Per chunk, in scan order: the segment whose scan starts / ends there, or -1."""
+    start, end = [-1] * N, [-1] * N
     for s, (c0, c1) in enumerate(segments):
-        first[c0], last[c1 - 1] = s, s
-    return mx.array(first, dtype=mx.int32), mx.array(last, dtype=mx.int32)
+        first, last = (c1 - 1, c0) if reverse else (c0, c1 - 1)
+        start[first], end[last] = s, s
+    return mx.array(start, dtype=mx.int32), mx.array(end, dtype=mx.int32)
 
 
-def _scan_launch(W, V, states, segments):
-    """What both scan kernels share: sizes, segment flags, template, grid (rows R = B * HV)."""
-    NB, HV, C, K = W.shape
+def _scan_tiles(K, C):
+    """(value columns, staged chunk rows) per threadgroup: the widest that fit its memory."""
+    tile = SCAN_TILE
+    while True:
+        rows = C
+        while rows > 8 and 4 * (K * (rows + 1) + (K + C) * tile) > THREADGROUP_BYTES:
+            rows //= 2
+        if tile == 4 or 4 * (K * (rows + 1) + (K + C) * tile) <= THREADGROUP_BYTES:
+            return tile, rows
+        tile //= 2
+
+
+def _scan(A, X, Bm, Y, decay, h_in, segments, reverse):
+    """The chunk_scan kernel on chunk-major arrays [N * B, HV, ...]; returns (states, x_new, h_out)."""
+    NB, HV, C, K = A.shape
+    V = X.shape[-1]
     S = len(segments)
-    B = states.shape[0] // S
+    B = h_in.shape[0] // S
     N, R = NB // B, B * HV
-    first, last = _segment_flags(segments, N)
-    launch = dict(template=[("K", K), ("V", V), ("C", C), ("N", N), ("R", R)], grid=(32, V, R),
-                  threadgroup=(32, min(TG_COLUMNS, V), 1), output_dtypes=[mx.float32] * 3)
-    return (N, R, S, B, HV, C, K), (first, last), launch
+    tile, rows = _scan_tiles(K, C)
+    has_y = Y is not None
+    states, x_new, h_out = get_kernel("chunk_scan")(
+        inputs=[A, X, Bm, Y if has_y else mx.zeros((1,)), decay.reshape(N, R), h_in,
+                *_scan_flags(segments, N, reverse)],
+        template=[("K", K), ("V", V), ("C", C), ("N", N), ("R", R), ("THREADS", SCAN_THREADS), ("BV", tile), ("CB", rows),
+                  ("REVERSE", reverse), ("HAS_Y", has_y)],
+        grid=(SCAN_THREADS, -(-V // tile), R), threadgroup=(SCAN_THREADS, 1, 1),
+        output_shapes=[(N, R, K, V), (N, R, C, V), (S * R, K, V)],
+        output_dtypes=[mx.float32] * 3)
+    return (states.reshape(N * B, HV, K, V), x_new.reshape(N * B, HV, C, V),
+            h_out.reshape(S * B, HV, K, V))
 
 
 def scan_forward(W, U, Kt, decay, h0, segments):
     """Kernel twin of chunk._scan_forward (same arguments and results)."""
-    V = U.shape[-1]
-    (N, R, S, B, HV, C, K), flags, launch = _scan_launch(W, V, h0, segments)
-    states, v_new, h_final = get_kernel("chunk_scan_fwd")(
-        inputs=[W, U, Kt, decay.reshape(N, R), h0, *flags],
-        output_shapes=[(N, R, K, V), (N, R, C, V), (S * R, K, V)], **launch)
-    return (states.reshape(N * B, HV, K, V), v_new.reshape(N * B, HV, C, V),
-            h_final.reshape(S * B, HV, K, V))
+    return _scan(W, U, Kt, None, decay, h0, segments, reverse=False)
 
 
 def scan_backward(PdO, QdO, Kt, W, decay, dhT, segments):
     """Kernel twin of chunk._scan_backward (same arguments and results)."""
-    V = PdO.shape[-1]
-    (N, R, S, B, HV, C, K), flags, launch = _scan_launch(W, V, dhT, segments)
-    du, dh_next, dh0 = get_kernel("chunk_scan_bwd")(
-        inputs=[PdO, QdO, Kt, W, decay.reshape(N, R), dhT, *flags],
-        output_shapes=[(N, R, C, V), (N, R, K, V), (S * R, K, V)], **launch)
-    return (du.reshape(N * B, HV, C, V), dh_next.reshape(N * B, HV, K, V),
-            dh0.reshape(S * B, HV, K, V))
+    dh_next, du, dh0 = _scan(Kt, PdO, W, QdO, decay, dhT, segments, reverse=True)
+    return du, dh_next, dh0
+
+
+def unit_lower_inverse(A):
+    """Kernel twin of chunk.invert_unit_lower: (I + A)^-1 for strictly lower A [..., C, C]."""
+    C = A.shape[-1]
+    M = A.size // (C * C)
+    (T,) = get_kernel("unit_lower_inverse")(
+        inputs=[A.astype(mx.float32)], template=[("C", C)], grid=(C, M, 1), threadgroup=(C, 1, 1),
+        output_shapes=[A.shape], output_dtypes=[mx.float32])
+    return T
 
 
 def decode_step(q, k, v, g, beta, state, *, scale, A_log=None, dt_bias=None, l2norm=False,

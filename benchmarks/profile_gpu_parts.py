@@ -1,0 +1,72 @@
+"""Where the GPU time goes: the chunked op's parts timed one by one (run on the device machine).
+
+    PYTHONPATH=. python benchmarks/profile_gpu_parts.py [B T H D]
+
+Prints, for one bf16 shape: the whole forward and forward+backward at several block sizes, then the
+per-chunk pieces (C x C matrices, WY), each scan kernel alone and the output product, each forced
+to finish (mx.eval) before the next starts.
+"""
+
+import json
+import sys
+
+import mlx.core as mx
+
+from bench_gpu import bench_ours, guarded, inputs, time_mlx
+from mlx_gdn.ops import chunk, gated_delta, kernels
+
+
+def parts(B, T, H, D, C=64):
+    q, k, v, g, beta = (mx.array(x) for x in inputs(B, T, H, D))
+    opt = gated_delta._Options(D ** -0.5, True, False, False, False, False, False)
+    seqs = [(0, T)]
+    prep = lambda: [gated_delta._to_chunks(x, seqs, C, False)
+                    for x in gated_delta._prepare(opt, q, k, v, g, beta, None, None)]
+    out = {"prepare_ms": time_mlx(lambda: prep())}
+    cq, ck, cv, cg, cb = prep()
+    mx.eval(cq, ck, cv, cg, cb)
+    pieces = lambda: chunk._ChunkPieces(cq, ck, cv, cg, cb)
+    out["pieces_ms"] = time_mlx(lambda: (lambda pc: [pc.W, pc.U, pc.Kt, pc.P, pc.decay])(pieces()))
+    fields = lambda pc: (pc.W, pc.U, pc.Kt, pc.P, pc.decay, pc.eg)
+    compiled = mx.compile(lambda *xs: fields(chunk._ChunkPieces(*xs)))
+    out["pieces_compiled_ms"] = guarded(lambda: time_mlx(lambda: compiled(cq, ck, cv, cg, cb)))
+    pc = pieces()
+    mx.eval(pc.W, pc.U, pc.Kt, pc.P, pc.decay, pc.eg)
+    h0 = mx.zeros((B, H, D, D))
+    seg = ((0, T // C),)
+    default = kernels.SCAN_TILE, kernels.SCAN_THREADS
+    for tile, threads in ((8, 128), (16, 128), (8, 256), (16, 256), (32, 256)):
+        kernels.SCAN_TILE, kernels.SCAN_THREADS = tile, threads
+        out[f"scan_fwd_{tile}x{threads}_ms"] = time_mlx(
+            lambda: kernels.scan_forward(pc.W, pc.U, pc.Kt, pc.decay, h0, seg))
+        out[f"scan_bwd_{tile}x{threads}_ms"] = time_mlx(lambda: kernels.scan_backward(
+            pc.U, pc.U[:, :, :D], pc.Kt, pc.W, pc.decay, h0, seg))
+    kernels.SCAN_TILE, kernels.SCAN_THREADS = default
+    states, u, _ = kernels.scan_forward(pc.W, pc.U, pc.Kt, pc.decay, h0, seg)
+    mx.eval(states, u)
+    out["output_ms"] = time_mlx(lambda: (cq * pc.eg) @ states + pc.P @ u)
+    out["invert_ops_ms"] = time_mlx(lambda: chunk.invert_unit_lower(pc.A))
+    out["invert_kernel_ms"] = time_mlx(lambda: kernels.unit_lower_inverse(pc.A))
+    return out
+
+
+def main():
+    B, T, H, D = (int(x) for x in sys.argv[1:5]) if len(sys.argv) > 4 else (1, 8192, 16, 128)
+    print(f"mlx {mx.__version__} {mx.default_device()} backend {kernels.backend()} shape {(B, T, H, D)}")
+    data = inputs(B, T, H, D)
+    for fwd_block, bwd_block in ((2048, 1024), (16384, 8192)):
+        chunk.BLOCK_TOKENS, chunk.BACKWARD_BLOCK_TOKENS = fwd_block, bwd_block
+        fwd, fwdbwd = bench_ours(*data)
+        print(json.dumps({"blocks": [fwd_block, bwd_block], "fwd_ms": fwd, "fwdbwd_ms": fwdbwd}),
+              flush=True)
+    print(json.dumps(parts(B, T, H, D)), flush=True)
+    # the whole op under mx.compile (element-wise chains fused)
+    qm, km, vm, bm = (mx.array(x).astype(mx.bfloat16) for x in (data[0], data[1], data[2], data[4]))
+    gm = mx.array(data[3])
+    fwd = mx.compile(lambda *xs: gated_delta.gated_delta_rule(*xs, use_qk_l2norm_in_kernel=True,
+                                                             mode="chunk")[0])
+    print(json.dumps({"fwd_compiled_ms": guarded(lambda: time_mlx(lambda: fwd(qm, km, vm, gm, bm)))}))
+
+
+if __name__ == "__main__":
+    main()
