@@ -54,11 +54,10 @@ def main():
     B, T, H, D = (int(x) for x in sys.argv[1:5]) if len(sys.argv) > 4 else (1, 8192, 16, 128)
     print(f"mlx {mx.__version__} {mx.default_device()} backend {kernels.backend()} shape {(B, T, H, D)}")
     data = inputs(B, T, H, D)
-    for fwd_block, bwd_block in ((2048, 1024), (16384, 8192)):
-        chunk.BLOCK_TOKENS, chunk.BACKWARD_BLOCK_TOKENS = fwd_block, bwd_block
+    for scale in (1, 8):
+        chunk.KERNEL_BLOCK_SCALE = scale
         fwd, fwdbwd = bench_ours(*data)
-        print(json.dumps({"blocks": [fwd_block, bwd_block], "fwd_ms": fwd, "fwdbwd_ms": fwdbwd}),
-              flush=True)
+        print(json.dumps({"block_scale": scale, "fwd_ms": fwd, "fwdbwd_ms": fwdbwd}), flush=True)
     print(json.dumps(parts(B, T, H, D)), flush=True)
     # the whole op under mx.compile (element-wise chains fused)
     qm, km, vm, bm = (mx.array(x).astype(mx.bfloat16) for x in (data[0], data[1], data[2], data[4]))

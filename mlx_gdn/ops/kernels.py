@@ -40,11 +40,6 @@ def backend():
     return "ops"
 
 
-def overridden():
-    """Whether use_factory is active (kernels built by something other than MLX, e.g. the emulator)."""
-    return _override is not None
-
-
 @contextlib.contextmanager
 def use_factory(name, factory):
     """Within the block, backend() is `name` and kernels are built by `factory` (metal_kernel-like)."""

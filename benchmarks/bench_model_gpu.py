@@ -1,0 +1,148 @@
+"""Whole models on the GPU, side by side with fla (run on the device machine: MLX CUDA + fla 0.6.0).
+
+For random bf16 presets: prefill tokens/s (B = 1), time to first token and generation tokens/s at
+B = 1 (ours: mlx_gdn.generate.generate_tokens; fla: transformers' generate, greedy, its cache), a
+training step's tokens/s (forward + backward + AdamW; ours through the chunked VJP, fla through its
+Triton kernels), and the weight-bandwidth roofline for generation (weights read once per token).
+fla's attention layers need flash-attn (not installable there): hybrids run on our side only.
+
+    PYTHONPATH=. python benchmarks/bench_model_gpu.py --presets gdn-0.4b gdn-1.3b h1-0.4b --out r.json
+"""
+
+import argparse
+import json
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten
+
+from mlx_gdn.convert import fla_config
+from mlx_gdn.generate import generate_tokens
+from mlx_gdn.models import Model, ModelArgs, PRESETS
+from mlx_gdn.train import loss_fn
+
+HBM_BYTES_S = 3.35e12  # H100 SXM
+
+
+def seconds(fn, repeats=3):
+    fn()  # warm-up (compilation, autotuning)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def bench_ours(name, args, ids):
+    mx.random.seed(0)
+    model = Model(ModelArgs(**PRESETS[name]))
+    model.set_dtype(mx.bfloat16)
+    mx.eval(model.parameters())
+    params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    row = {"params_M": params / 1e6, "roofline_tok_s": HBM_BYTES_S / (2 * params)}
+    prompt = mx.array(ids)
+    row["prefill_tok_s"] = ids.shape[1] / seconds(lambda: mx.eval(model(prompt)))
+
+    def first_token():
+        mx.eval(next(generate_tokens(model, prompt[:, :args.prompt], 1)))
+
+    row["ttft_ms"] = seconds(first_token) * 1e3
+
+    def generation():
+        for _ in generate_tokens(model, prompt[:, :args.prompt], args.new_tokens):
+            pass
+
+    row["gen_tok_s"] = args.new_tokens / (seconds(generation, repeats=1) - row["ttft_ms"] / 1e3)
+
+    x, y = prompt[:, :-1], prompt[:, 1:]
+    optimizer = optim.AdamW(1e-4)
+    step = nn.value_and_grad(model, loss_fn)
+
+    def train_step():
+        loss, grads = step(model, x, y)
+        optimizer.update(model, grads)
+        mx.eval(loss, model.parameters(), optimizer.state)
+
+    mx.reset_peak_memory()
+    row["train_tok_s"] = x.shape[1] / seconds(train_step)
+    row["train_peak_gb"] = mx.get_peak_memory() / 1e9
+    return row
+
+
+def bench_fla(name, args, ids):
+    import torch
+    from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+
+    config = fla_config(ModelArgs(**PRESETS[name]))
+    if config.get("attn"):
+        return {"skipped": "fla's attention layers need flash-attn"}
+    torch.manual_seed(0)
+    model = GatedDeltaNetForCausalLM(GatedDeltaNetConfig(**config)).cuda().to(torch.bfloat16)
+    prompt = torch.tensor(ids, device="cuda")
+
+    def run(fn):
+        def timed():
+            fn()
+            torch.cuda.synchronize()
+        return timed
+
+    row = {}
+    model.eval()
+    with torch.no_grad():
+        row["prefill_tok_s"] = ids.shape[1] / seconds(run(lambda: model(prompt, use_cache=False)))
+        short = prompt[:, :args.prompt]
+        gen = lambda n: model.generate(short, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        row["ttft_ms"] = seconds(run(lambda: gen(1))) * 1e3
+        row["gen_tok_s"] = args.new_tokens / (seconds(run(lambda: gen(args.new_tokens)), repeats=1)
+                                              - row["ttft_ms"] / 1e3)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train_step():
+        loss = model(prompt[:, :-1], labels=prompt[:, :-1]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    torch.cuda.reset_peak_memory_stats()
+    row["train_tok_s"] = (ids.shape[1] - 1) / seconds(run(train_step))
+    row["train_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return row
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--presets", nargs="+", default=["gdn-0.4b", "gdn-1.3b", "h1-0.4b"])
+    p.add_argument("--seq-len", type=int, default=2048, help="prefill and training length")
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens for generation")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--no-fla", action="store_true")
+    p.add_argument("--no-ours", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    print(f"mlx {mx.__version__}, device {mx.default_device()}", flush=True)
+    rows = []
+    for name in args.presets:
+        vocab = PRESETS[name].get("vocab_size", 32000)
+        ids = np.random.default_rng(0).integers(0, vocab, (1, args.seq_len + 1))
+        row = {"preset": name, "seq_len": args.seq_len}
+        if not args.no_ours:
+            row["ours"] = bench_ours(name, args, ids)
+            print(json.dumps(row), flush=True)
+        if not args.no_fla:
+            try:
+                row["fla"] = bench_fla(name, args, ids)
+            except Exception as err:  # record why, keep the other presets
+                row["fla"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+            print(json.dumps(row), flush=True)
+        rows.append(row)
+        mx.clear_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": str(mx.default_device()), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
