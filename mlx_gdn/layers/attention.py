@@ -23,8 +23,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False)
         self.rope = nn.RoPE(self.head_dim, traditional=False, base=rope_theta)
 
-    def __call__(self, x, mask=None, cache=None):
-        """x [B, T, hidden]; mask [B, T] (True for real tokens) or None; cache: AttentionCache or None."""
+    def __call__(self, x, mask=None, cache=None, segments=None):
+        """x [B, T, hidden]; mask [B, T] (True for real tokens) or None; cache: AttentionCache or None;
+        segments [B, T]: document ids of packed rows (a token sees its own document only)."""
         B, T, _ = x.shape
         offset = 0 if cache is None else cache.offset
         q = self.q_proj(x).reshape(B, T, self.num_heads, -1).transpose(0, 2, 1, 3)
@@ -43,5 +44,7 @@ class Attention(nn.Module):
         if self.window_size is not None:
             allowed = allowed & (k_pos > q_pos - self.window_size)
         allowed = allowed[None, None] & valid[:, None, None, :]
+        if segments is not None:
+            allowed = allowed & (segments[:, None, :, None] == segments[:, None, None, :])
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, mask=allowed)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))

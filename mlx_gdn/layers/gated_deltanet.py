@@ -4,6 +4,7 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..ops import gated_delta_rule
 
@@ -13,6 +14,15 @@ def init_dt_bias(n):
     dt = mx.exp(mx.random.uniform(0, 1, (n,)) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
     dt = mx.maximum(dt, 1e-4)
     return dt + mx.log(-mx.expm1(-dt))
+
+
+def document_bounds(segments):
+    """[B, T] document ids -> cu_seqlens of the rows laid end to end (a row start is a bound too)."""
+    seg = np.asarray(segments)
+    B, T = seg.shape
+    starts = np.ones((B, T), dtype=bool)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    return mx.array(np.append(np.flatnonzero(starts.reshape(-1)), B * T).astype(np.int32))
 
 
 class ShortConv(nn.Module):
@@ -25,15 +35,26 @@ class ShortConv(nn.Module):
         if bias:
             self.bias = mx.zeros((channels,))
 
-    def __call__(self, x, state=None):
-        """x [B, T, C]; state: the previous K - 1 inputs [B, K - 1, C] or None (zeros).
+    def __call__(self, x, state=None, segments=None):
+        """x [B, T, C]; state: the previous K - 1 inputs [B, K - 1, C] or None (zeros); segments
+        [B, T] document ids of packed rows (an input from another document counts as zero).
         Returns (silu(conv(x)), new state)."""
         K = self.weight.shape[-1]
         if state is None:
             state = mx.zeros((x.shape[0], K - 1, x.shape[2]), dtype=x.dtype)
         full = mx.concatenate([state.astype(x.dtype), x], axis=1)
         T = x.shape[1]
-        out = sum(full[:, i:i + T] * self.weight[:, 0, i] for i in range(K))
+        terms = []
+        for i in range(K):  # tap i reads the input `lag` tokens back
+            term = full[:, i:i + T] * self.weight[:, 0, i]
+            lag = K - 1 - i
+            if segments is not None and lag:
+                same = segments[:, lag:] == segments[:, :-lag]
+                same = mx.concatenate([mx.zeros((x.shape[0], min(lag, T)), dtype=mx.bool_),
+                                       same], axis=1)[:, :T]
+                term = term * same[..., None].astype(x.dtype)
+            terms.append(term)
+        out = sum(terms)
         if "bias" in self:
             out = out + self.bias
         return nn.silu(out), full[:, -(K - 1):]
@@ -72,28 +93,35 @@ class GatedDeltaNet(nn.Module):
         self.A_log = mx.log(mx.random.uniform(0.0, 16.0, (self.num_v_heads,)))
         self.dt_bias = init_dt_bias(self.num_v_heads)
 
-    def __call__(self, x, mask=None, cache=None):
+    def __call__(self, x, mask=None, cache=None, segments=None):
         """x [B, T, hidden]; mask [B, T] (True for real tokens, left padding) or None;
-        cache: a GatedDeltaNetCache or None."""
+        cache: a GatedDeltaNetCache or None; segments [B, T]: document ids of packed rows (no
+        document sees another: the rows become one varlen batch of the op)."""
         B, T, _ = x.shape
         if mask is not None:  # padding in, all zeros: inert in the convolutions and the state
             x = x * mask[..., None].astype(x.dtype)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.use_short_conv:
             states = cache.conv if cache is not None else (None, None, None)
-            (q, sq), (k, sk), (v, sv) = (conv(y, s) for conv, y, s in zip(
+            (q, sq), (k, sk), (v, sv) = (conv(y, s, segments) for conv, y, s in zip(
                 (self.q_conv1d, self.k_conv1d, self.v_conv1d), (q, k, v), states))
         else:
             q, k, v = nn.silu(q), nn.silu(k), nn.silu(v)
         q = q.reshape(B, T, self.num_heads, self.head_k_dim)
         k = k.reshape(B, T, self.num_heads, self.head_k_dim)
         v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
+        a, b = self.a_proj(x), self.b_proj(x)
+        packed = {}
+        if segments is not None:
+            q, k, v, a, b = (y.reshape(1, B * T, *y.shape[2:]) for y in (q, k, v, a, b))
+            packed["cu_seqlens"] = document_bounds(segments)
         o, state = gated_delta_rule(
-            q, k, v, self.a_proj(x), self.b_proj(x),
+            q, k, v, a, b,
             initial_state=None if cache is None else cache.state, output_final_state=cache is not None,
             use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=self.A_log,
             dt_bias=self.dt_bias, use_beta_sigmoid_in_kernel=True,
-            allow_neg_eigval=self.allow_neg_eigval)
+            allow_neg_eigval=self.allow_neg_eigval, **packed)
+        o = o.reshape(B, T, self.num_v_heads, self.head_v_dim)
         if cache is not None:
             cache.state = state
             if self.use_short_conv:

@@ -113,8 +113,9 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
         self.mlp = SwiGLU(args.hidden_size, args.intermediate_size)
 
-    def __call__(self, x, mask=None, cache=None):
-        x = x + self.attn(self.attn_norm(x), mask=mask, cache=cache)
+    def __call__(self, x, mask=None, cache=None, segments=None):
+        extra = {} if segments is None else {"segments": segments}
+        x = x + self.attn(self.attn_norm(x), mask=mask, cache=cache, **extra)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -125,10 +126,10 @@ class Backbone(nn.Module):
         self.layers = [Block(args, t) for t in args.layer_types]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
 
-    def __call__(self, input_ids, mask=None, cache=None):
+    def __call__(self, input_ids, mask=None, cache=None, segments=None):
         x = self.embeddings(input_ids)
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask=mask, cache=None if cache is None else cache[i])
+            x = layer(x, mask=mask, cache=None if cache is None else cache[i], segments=segments)
         return self.norm(x)
 
 
@@ -136,6 +137,8 @@ class Model(nn.Module):
     """model(input_ids [B, T], mask=None, cache=None) -> logits [B, T, vocab].
 
     mask [B, T]: True for real tokens (left padding only). cache: model.make_cache(), updated in place.
+    segments [B, T]: document ids for packed training rows (documents never see each other; GDN and
+    attention layers only, no cache).
     """
 
     def __init__(self, args: ModelArgs):
@@ -145,13 +148,21 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def __call__(self, input_ids, mask=None, cache=None):
+    def __call__(self, input_ids, mask=None, cache=None, segments=None):
+        if segments is not None:
+            if cache is not None or mask is not None:
+                raise ValueError("model: segments (packed rows) go without a cache or a mask")
+            if "mamba2" in self.args.layer_types:
+                raise ValueError("model: packed rows (segments) are not supported by Mamba2 layers")
+            if tuple(segments.shape) != tuple(input_ids.shape):
+                raise ValueError(f"model: segments must have input_ids' shape {tuple(input_ids.shape)}, "
+                                 f"got {tuple(segments.shape)}")
         if cache is not None:
             expected = [CACHES[t] for t in self.args.layer_types]
             if len(cache) != len(expected) or any(type(c) is not e for c, e in zip(cache, expected)):
                 raise ValueError("model: the cache does not belong to this model (make it with "
                                  "model.make_cache())")
-        h = self.model(input_ids, mask=mask, cache=cache)
+        h = self.model(input_ids, mask=mask, cache=cache, segments=segments)
         if self.args.tie_word_embeddings:
             return self.model.embeddings.as_linear(h)
         return self.lm_head(h)
