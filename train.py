@@ -1,7 +1,9 @@
-"""Train or fine-tune a Gated DeltaNet model (first step of issue 7: full fine-tuning / from a preset).
+"""Train or fine-tune a Gated DeltaNet model: full fine-tuning, LoRA, or a preset from scratch.
 
     python train.py --model tiny-gdn --tokenizer tok/tokenizer.model --data corpus.txt --out runs/tiny
     python train.py --model <converted dir> --data <dir with train.jsonl> --out runs/ft --resume
+    python train.py --model <dir> --data chats/ --out runs/lora --lora-rank 8 --fuse --dtype bfloat16
+Rows: {"text"}, {"prompt", "completion"} or {"messages"} (the model's chat template).
 """
 
 import argparse

@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .lora import fuse
 from .loading import resolve
 from .models import Model, ModelArgs, load_model, quantize_model, save_model
 from .models.io import CheckpointError, check_weights, config_of, read_safetensors_dir, write_model_dir
@@ -140,13 +141,16 @@ def fla_config(args: ModelArgs) -> dict:
 
 
 def to_hf(mlx_path, hf_path, dtype="float32", force=False):
-    """mlx_gdn directory -> fla checkpoint (config.json + model.safetensors), de-quantized."""
+    """mlx_gdn directory -> fla checkpoint (config.json + model.safetensors), de-quantized, LoRA
+    adapters fused."""
     out = Path(hf_path)
     _claim(out, force)
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     src = Path(mlx_path)
     model = load_model(src)
+    if getattr(model, "lora", None) is not None:
+        fuse(model, dequantize=True)
     weights = {}
     for name, module in model.named_modules():  # de-quantize
         if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):

@@ -4,6 +4,7 @@ Sampling (temperature, top-p, top-k, min-p) and the repetition penalty are mlx-l
 (`mlx_lm.sample_utils`); `stream_generate` yields text as it is produced, `generate` returns it all.
 """
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +19,14 @@ DEFAULT_MODEL = Path(__file__).parent / "default_model"
 
 
 class Tokenizer:
-    """One interface over sentencepiece (`tokenizer.model`) and HF `tokenizers` (`tokenizer.json`)."""
+    """One interface over sentencepiece (`tokenizer.model`) and HF `tokenizers` (`tokenizer.json`),
+    with the chat template of tokenizer_config.json when the model has one."""
 
-    def __init__(self, backend, eos_token_id=None, bos_token_id=None):
+    def __init__(self, backend, eos_token_id=None, bos_token_id=None, chat_template=None,
+                 special_tokens=None):
         self.backend = backend
+        self.chat_template = chat_template
+        self.special_tokens = special_tokens or {}  # bos_token / eos_token strings for templates
         self.is_sentencepiece = hasattr(backend, "IdToPiece")
         if self.is_sentencepiece:
             eos_token_id = backend.eos_id() if eos_token_id is None else eos_token_id
@@ -30,14 +35,61 @@ class Tokenizer:
         self.bos_token_id = bos_token_id if bos_token_id is not None and bos_token_id >= 0 else None
 
     def encode(self, text: str, add_bos: bool = True) -> List[int]:
-        ids = self.backend.encode(text) if self.is_sentencepiece else self.backend.encode(text).ids
+        ids = self._encode_sentencepiece(text) if self.is_sentencepiece else self.backend.encode(text).ids
         if add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id] + list(ids)
         return list(ids)
 
+    def _encode_sentencepiece(self, text):
+        # sentencepiece reads "</s>" in text as characters: the BOS / EOS strings a chat template
+        # writes become their ids here (HF tokenizers does this itself for its added tokens)
+        specials = {self.special_tokens.get(name): i for name, i in
+                    (("bos_token", self.bos_token_id), ("eos_token", self.eos_token_id))
+                    if self.special_tokens.get(name) and i is not None}
+        if not any(s in text for s in specials):
+            return self.backend.encode(text)
+        ids = []
+        for part in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+            if part in specials:
+                ids.append(specials[part])
+            elif part:
+                ids += self.backend.encode(part)
+        return ids
+
     def decode(self, ids: List[int]) -> str:
         ids = [i for i in ids if i not in (self.bos_token_id, self.eos_token_id)]
         return self.backend.decode(ids)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = False) -> str:
+        """The conversation rendered as transformers does: the jinja template in a sandbox, with
+        bos_token / eos_token and raise_exception."""
+        if not self.chat_template:
+            raise ValueError("the model has no chat template (tokenizer_config.json 'chat_template')")
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens)
+        except TemplateError as err:
+            raise ValueError(f"chat template: {err}") from None
+
+    def encode_chat(self, messages, add_generation_prompt: bool = False):
+        """(ids, assistant) for a conversation: assistant[i] is True where token i belongs to an
+        assistant turn (the tokens that turn's template adds after the generation prompt)."""
+        ids = self.encode(self.apply_chat_template(messages, add_generation_prompt), add_bos=True)
+        assistant = [False] * len(ids)
+        for i, message in enumerate(messages):
+            if message.get("role") == "assistant":
+                start = len(self.encode(self.apply_chat_template(messages[:i], True)))
+                end = len(self.encode(self.apply_chat_template(messages[:i + 1])))
+                assistant[start:end] = [True] * (min(end, len(ids)) - start)
+        return ids, assistant
 
 
 @dataclass

@@ -25,17 +25,33 @@ def resolve(path_or_repo):
                                 "the local cache only") from None
 
 
-def _special_ids(path, backend):
-    """(eos, bos) ids of a tokenizers.Tokenizer from tokenizer_config.json / special_tokens_map.json."""
-    ids = []
+def _special_tokens(path):
+    """{"eos_token": str, "bos_token": str} from tokenizer_config.json / special_tokens_map.json."""
+    tokens = {}
     for key in ("eos_token", "bos_token"):
         token = None
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             if token is None and (path / name).is_file():
-                token = json.loads((path / name).read_text()).get(key)
+                token = _read_json(path / name).get(key)
         token = token.get("content") if isinstance(token, dict) else token
-        ids.append(backend.token_to_id(token) if token else None)
-    return ids
+        if token:
+            tokens[key] = token
+    return tokens
+
+
+def _read_json(file):
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: not valid JSON ({err.msg}, line {err.lineno})") from None
+
+
+def _chat_template(path):
+    file = path / "tokenizer_config.json"
+    template = _read_json(file).get("chat_template") if file.is_file() else None
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template
 
 
 def load_tokenizer(path):
@@ -43,14 +59,21 @@ def load_tokenizer(path):
     wrapped in mlx_gdn.generate.Tokenizer."""
     from .generate import Tokenizer
     path = Path(path)
+    special, template = _special_tokens(path), _chat_template(path)
     if (path / "tokenizer.json").is_file():
         import tokenizers
         backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
-        eos, bos = _special_ids(path, backend)
-        return Tokenizer(backend, eos_token_id=eos, bos_token_id=bos)
+        eos, bos = (backend.token_to_id(special[k]) if k in special else None
+                    for k in ("eos_token", "bos_token"))
+        return Tokenizer(backend, eos_token_id=eos, bos_token_id=bos, chat_template=template,
+                         special_tokens=special)
     if (path / "tokenizer.model").is_file():
         import sentencepiece
-        return Tokenizer(sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model")))
+        backend = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+        special = {"bos_token": backend.IdToPiece(backend.bos_id()) if backend.bos_id() >= 0 else "",
+                   "eos_token": backend.IdToPiece(backend.eos_id()) if backend.eos_id() >= 0 else "",
+                   **special}
+        return Tokenizer(backend, chat_template=template, special_tokens=special)
     return None
 
 

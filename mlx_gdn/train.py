@@ -1,16 +1,19 @@
-"""Training (first step): full fine-tuning or training from a preset, on {"text"} JSONL or plain text.
+"""Training: full fine-tuning, LoRA, or training a preset from scratch (see mlx_gdn.data for rows).
 
 AdamW with linear warmup + cosine decay (no weight decay on A_log, dt_bias, D and norms, as fla),
-gradient clipping, atomic checkpoints that resume exactly (weights, optimizer, schedule position,
-data order), JSONL logs and a loss-curve PNG, a tqdm bar. Batches are windows of seq_len + 1 tokens
-over the documents joined by EOS, in a seeded order.
+gradient clipping and accumulation, optional gradient checkpointing and bf16 weights (the op keeps
+float32 states), atomic checkpoints that resume exactly (weights, optimizer, schedule position,
+data order), JSONL logs and a loss-curve PNG, a tqdm bar. Batches are packed rows in a seeded order;
+documents in a row never see each other (Mamba2 layers excepted: they get no document bounds).
 """
 
+import dataclasses
 import json
 import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -19,10 +22,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
+from .data import DataError, batch_at, data_files, load_packed
 from .loading import load_tokenizer, resolve
+from .lora import DEFAULT_KEYS, LoraConfig, apply_lora, fuse
 from .models import PRESETS, Model, ModelArgs, load_model, save_model
 
 
@@ -44,70 +49,22 @@ class TrainConfig:
     save_every: int = 50
     eval_every: int = 50
     resume: bool = False
+    epochs: int = 0  # > 0: iters = epochs x the optimizer steps of one pass over the rows
+    grad_accum: int = 1  # micro-batches of batch_size rows per optimizer step
+    grad_checkpoint: bool = False
+    dtype: str = "float32"  # or bfloat16 (weights and activations; A_log / dt_bias stay float32)
+    lora_rank: int = 0  # > 0: LoRA adapters instead of full fine-tuning
+    lora_alpha: float = 16.0
+    lora_layers: int = -1  # adapters in the last N blocks (-1: all)
+    lora_keys: str = ",".join(DEFAULT_KEYS)
+    fuse: bool = False  # LoRA: write the model with the adapters merged
 
 
-class DataError(ValueError):
-    """Bad training data: names the file (and line)."""
-
-
-def read_texts(path: Path):
-    if path.suffix == ".txt":
-        texts = [path.read_text()]
-    else:
-        texts = []
-        with open(path) as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-                if not isinstance(row, dict) or set(row) != {"text"}:
-                    fields = sorted(row) if isinstance(row, dict) else type(row).__name__
-                    raise DataError(f"{path}:{number}: expected a row {{\"text\": ...}}, got {fields}")
-                texts.append(row["text"])
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        raise DataError(f"{path}: no text")
-    return texts
-
-
-def token_stream(texts, tokenizer):
-    ids = []
-    for text in texts:
-        ids += tokenizer.encode(text)
-        if tokenizer.eos_token_id is not None:
-            ids.append(tokenizer.eos_token_id)
-    return np.array(ids, dtype=np.int32)
-
-
-def data_files(data: Path):
-    if data.is_file():
-        return data, None
-    train, valid = data / "train.jsonl", data / "valid.jsonl"
-    if not train.is_file():
-        raise DataError(f"{data}: neither a .txt/.jsonl file nor a directory with train.jsonl")
-    return train, (valid if valid.is_file() else None)
-
-
-def windows(tokens, seq_len):
-    n = (len(tokens) - 1) // seq_len
-    if n < 1:
-        raise DataError(f"the data has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
-    return n
-
-
-def batch_at(tokens, order, step, batch_size, seq_len):
-    """The step-th batch: windows order[step * batch_size ...] (wrapping), as (inputs, targets)."""
-    idx = [order[(step * batch_size + i) % len(order)] for i in range(batch_size)]
-    rows = np.stack([tokens[i * seq_len:i * seq_len + seq_len + 1] for i in idx])
-    return mx.array(rows[:, :-1]), mx.array(rows[:, 1:])
-
-
-def loss_fn(model, inputs, targets):
-    logits = model(inputs)
-    return nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="mean")
+def loss_fn(model, inputs, targets, weights, segments=None):
+    """Mean cross-entropy over the weighted targets."""
+    logits = model(inputs, segments=segments)
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")
+    return (ce * weights).sum() / mx.maximum(weights.sum(), 1.0)
 
 
 def no_decay(path, _):
@@ -141,57 +98,91 @@ def save_checkpoint(out: Path, model, optimizer, state: dict):
         raise
 
 
-def build_model(cfg: TrainConfig):
+def build_model(cfg: TrainConfig, out: Path):
+    """(model, tokenizer, tokenizer files to ship with the result)."""
     if cfg.model in PRESETS:
         if not cfg.tokenizer:
             raise ValueError(f"training preset {cfg.model!r} from scratch needs --tokenizer")
-        mx.random.seed(cfg.seed)
-        model = Model(ModelArgs(**PRESETS[cfg.model]))
-        tok_dir = Path(cfg.tokenizer).parent
-        name = Path(cfg.tokenizer).name
-        if name not in ("tokenizer.model", "tokenizer.json"):
-            tmp = Path(tempfile.mkdtemp())
-            shutil.copy(cfg.tokenizer, tmp / ("tokenizer.json" if name.endswith(".json") else "tokenizer.model"))
-            tok_dir = tmp
-        return model, load_tokenizer(tok_dir), [f for f in tok_dir.iterdir() if f.name.startswith("tokenizer")]
+        source = Path(cfg.tokenizer)
+        if not source.is_file():
+            raise FileNotFoundError(f"{source}: no such tokenizer file")
+        tok_dir = out / ".tokenizer"  # under its canonical name, where load_tokenizer looks
+        tok_dir.mkdir(exist_ok=True)
+        shutil.copy(source, tok_dir / ("tokenizer.json" if source.suffix == ".json" else "tokenizer.model"))
+        return Model(ModelArgs(**PRESETS[cfg.model])), load_tokenizer(tok_dir), list(tok_dir.iterdir())
     path = resolve(cfg.model)
     tokenizer = load_tokenizer(path)
     if tokenizer is None:
         raise ValueError(f"{path}: no tokenizer next to the model")
-    return load_model(path), tokenizer, [f for f in path.iterdir() if f.name.startswith(("tokenizer", "special"))]
+    files = [f for f in path.iterdir() if f.name.startswith(("tokenizer", "special"))]
+    return load_model(path), tokenizer, files
+
+
+def prepare(model, cfg: TrainConfig):
+    """The training-time form of the model: dtype, LoRA adapters, gradient checkpointing."""
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.dtype == "bfloat16":
+        keep = lambda path, _: path.endswith(("A_log", "dt_bias"))
+        model.update(tree_unflatten([(k, v if keep(k, v) else v.astype(mx.bfloat16))
+                                     for k, v in tree_flatten(model.parameters())]))
+    if cfg.lora_rank and getattr(model, "lora", None) is None:
+        keys = tuple(k.strip() for k in cfg.lora_keys.split(",") if k.strip())
+        apply_lora(model, LoraConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_layers, keys))
+    model.model.grad_checkpoint = cfg.grad_checkpoint
+    return model
 
 
 def train(cfg: TrainConfig, progress=True):
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer, tokenizer_files = build_model(cfg)
+    if cfg.grad_accum < 1 or cfg.batch_size < 1:
+        raise ValueError("--batch-size and --grad-accum must be at least 1")
+    mx.random.seed(cfg.seed)  # the initial weights of a preset and of LoRA adapters
+    model, tokenizer, tokenizer_files = build_model(cfg, out)
     train_file, valid_file = data_files(Path(cfg.data))
-    tokens = token_stream(read_texts(train_file), tokenizer)
-    valid = token_stream(read_texts(valid_file), tokenizer) if valid_file else None
-    n_windows = windows(tokens, cfg.seq_len)
-    if model.args.vocab_size <= int(tokens.max()):
-        raise DataError(f"token id {int(tokens.max())} is outside the model's vocabulary "
+    rows = load_packed(train_file, tokenizer, cfg.seq_len)
+    valid = load_packed(valid_file, tokenizer, cfg.seq_len) if valid_file else None
+    if model.args.vocab_size <= int(rows.ids.max()):
+        raise DataError(f"token id {int(rows.ids.max())} is outside the model's vocabulary "
                         f"({model.args.vocab_size})")
-    optimizer = make_optimizer(cfg)
+    per_step = cfg.batch_size * cfg.grad_accum
+    iters = cfg.epochs * -(-len(rows) // per_step) if cfg.epochs > 0 else cfg.iters
+    optimizer = make_optimizer(dataclasses.replace(cfg, iters=iters))
     step = 0
     if cfg.resume and (out / "checkpoint").exists():
         ck = out / "checkpoint"
         model = load_model(ck / "model")
+        step = json.loads((ck / "state.json").read_text())["step"]
+        prepare(model, cfg)
         optimizer.init(model.trainable_parameters())
         optimizer.state = tree_unflatten(list(mx.load(str(ck / "optimizer.safetensors")).items()))
-        step = json.loads((ck / "state.json").read_text())["step"]
         if (out / "log.jsonl").exists():  # drop what the interrupted run logged past its checkpoint
-            rows = [r for r in open(out / "log.jsonl") if json.loads(r)["step"] <= step]
-            (out / "log.jsonl").write_text("".join(rows))
-    order = np.random.default_rng(cfg.seed).permutation(n_windows)
+            kept = [r for r in open(out / "log.jsonl") if json.loads(r)["step"] <= step]
+            (out / "log.jsonl").write_text("".join(kept))
+    else:
+        prepare(model, cfg)
+    isolate = "mamba2" not in model.args.layer_types  # Mamba2 layers take no document bounds
+    order = np.random.default_rng(cfg.seed).permutation(len(rows))
     value_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def micro_batch(data, at, batch_order):
+        inputs, targets, weights, docs = batch_at(data, batch_order, at, cfg.batch_size)
+        return inputs, targets, weights, docs if isolate else None
+
     log = open(out / "log.jsonl", "a")
-    bar = tqdm(total=cfg.iters, initial=step, disable=not progress, desc="train")
-    last_good = step
+    bar = tqdm(total=iters, initial=step, disable=not progress, desc="train")
+    last_good, start, tokens = step, time.perf_counter(), 0
     try:
-        while step < cfg.iters:
-            inputs, targets = batch_at(tokens, order, step, cfg.batch_size, cfg.seq_len)
-            loss, grads = value_and_grad(model, inputs, targets)
+        while step < iters:
+            loss, grads = 0.0, None
+            for micro in range(cfg.grad_accum):
+                batch = micro_batch(rows, step * cfg.grad_accum + micro, order)
+                tokens += batch[0].size
+                part, part_grads = value_and_grad(model, *batch)
+                loss = loss + part / cfg.grad_accum
+                part_grads = tree_map(lambda g: g / cfg.grad_accum, part_grads)
+                grads = part_grads if grads is None else tree_map(mx.add, grads, part_grads)
             grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
             optimizer.update(model, grads)
             mx.eval(model.parameters(), optimizer.state, loss)
@@ -200,22 +191,29 @@ def train(cfg: TrainConfig, progress=True):
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {step}; the last good checkpoint "
                                          f"(step {last_good}) is in {out / 'checkpoint'}")
-            record = {"step": step, "loss": loss, "lr": float(optimizer.optimizers[0].learning_rate)}
-            if valid is not None and (step % cfg.eval_every == 0 or step == cfg.iters):
-                vin, vtg = batch_at(valid, np.arange(windows(valid, cfg.seq_len)), 0,
-                                    cfg.batch_size, cfg.seq_len)
-                record["valid_loss"] = loss_fn(model, vin, vtg).item()
+            record = {"step": step, "loss": loss, "lr": float(optimizer.optimizers[0].learning_rate),
+                      "tokens_per_s": tokens / (time.perf_counter() - start),
+                      "peak_memory_gb": mx.get_peak_memory() / 1e9}
+            if valid is not None and (step % cfg.eval_every == 0 or step == iters):
+                batches = range(min(8, -(-len(valid) // cfg.batch_size)))
+                record["valid_loss"] = float(np.mean([
+                    loss_fn(model, *micro_batch(valid, i, np.arange(len(valid)))).item()
+                    for i in batches]))
             log.write(json.dumps(record) + "\n")
             log.flush()
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}")
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            lr=f"{record['lr']:.2e}", mem=f"{record['peak_memory_gb']:.2f}GB")
             bar.update(1)
-            if step % cfg.save_every == 0 or step == cfg.iters:
+            if step % cfg.save_every == 0 or step == iters:
                 save_checkpoint(out, model, optimizer, {"step": step, "config": asdict(cfg)})
                 last_good = step
     finally:
         bar.close()
         log.close()
+    if cfg.fuse and getattr(model, "lora", None) is not None:
+        fuse(model)
     save_model(model, out / "model", extra_files=tokenizer_files)
+    shutil.rmtree(out / ".tokenizer", ignore_errors=True)
     plot_losses(out / "log.jsonl", out / "loss.png")
     return model
 

@@ -71,9 +71,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(corpus, tmp_path,
     calls = {"n": 0}
     real = training.loss_fn
 
-    def poisoned(model, inputs, targets):  # the 11th step's loss is NaN
+    def poisoned(*args):  # the 11th step's loss is NaN
         calls["n"] += 1
-        loss = real(model, inputs, targets)
+        loss = real(*args)
         return loss * mx.array(float("nan")) if calls["n"] == 11 else loss
 
     monkeypatch.setattr(training, "loss_fn", poisoned)
@@ -86,7 +86,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(corpus, tmp_path,
 @pytest.mark.parametrize("content,message", [
     ("", "no text"),
     ('{"text": "fine"}\n{"text": oops}\n', r"train.jsonl:2: not valid JSON"),
-    ('{"text": "a", "extra": 1}\n', r"train.jsonl:1: expected a row \{\"text\": ...\}, got \['extra', 'text'\]"),
+    ('{"text": "a", "extra": 1}\n', r"train.jsonl:1: expected a row \{\"text\": ...\}, .* got \['extra', 'text'\]"),
+    ('{"messages": "hi"}\n', r"train.jsonl:1: messages must be a list"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n' * 40, "train.jsonl: the model has no chat template"),
     ('{"text": "tiny"}\n', "fewer than seq_len"),
 ])
 def test_bad_data(corpus, tmp_path, content, message):

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
+import mlx.core as mx
 import mlx.nn as nn
 
 from ..layers import Attention, GatedDeltaNet, Mamba2, SwiGLU
@@ -119,17 +120,29 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def _checkpointed(layer, x, mask, segments):
+    """layer(x) whose activations are recomputed in the backward instead of kept (mx.checkpoint)."""
+    def inner(params, x):
+        layer.update(params)
+        return layer(x, mask=mask, segments=segments)
+    return mx.checkpoint(inner)(layer.trainable_parameters(), x)
+
+
 class Backbone(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [Block(args, t) for t in args.layer_types]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
+        self.grad_checkpoint = False  # training: recompute each block in the backward
 
     def __call__(self, input_ids, mask=None, cache=None, segments=None):
         x = self.embeddings(input_ids)
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask=mask, cache=None if cache is None else cache[i], segments=segments)
+            if self.grad_checkpoint and cache is None:
+                x = _checkpointed(layer, x, mask, segments)
+            else:
+                x = layer(x, mask=mask, cache=None if cache is None else cache[i], segments=segments)
         return self.norm(x)
 
 

@@ -70,8 +70,17 @@ def write_model_dir(path, config: dict, n_shards: int, shards, extra_files=()):
 
 
 def save_model(model: Model, path, extra_files=()):
-    """Writes config.json and model.safetensors into `path` via a temporary directory."""
-    write_model_dir(path, config_of(model), 1, [dict(tree_flatten(model.parameters()))], extra_files)
+    """Writes config.json and model.safetensors into `path` via a temporary directory (a LoRA model:
+    the base weights, plus adapters.safetensors and adapter_config.json)."""
+    from .. import lora
+    if getattr(model, "lora", None) is None:
+        write_model_dir(path, config_of(model), 1, [dict(tree_flatten(model.parameters()))], extra_files)
+        return
+    base, _ = lora.split_weights(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        lora.save_adapters(model, Path(tmp))
+        files = [Path(tmp) / lora.ADAPTERS, Path(tmp) / lora.ADAPTER_CONFIG]
+        write_model_dir(path, config_of(model), 1, [base], list(extra_files) + files)
 
 
 def _load_safetensors(file: Path) -> dict:
@@ -130,5 +139,7 @@ def load_model(path) -> Model:
     weights = {k: v for shard in shards for k, v in shard.items()}
     check_weights(weights, model, path)
     model.load_weights(list(weights.items()))
+    from ..lora import load_adapters
+    load_adapters(model, path)
     mx.eval(model.parameters())
     return model
