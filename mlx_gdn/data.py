@@ -132,10 +132,11 @@ def load_packed(path: Path, tokenizer, seq_len: int) -> Packed:
     return packed
 
 
-def batch_at(packed: Packed, order, step: int, batch_size: int):
+def batch_at(packed: Packed, order, step: int, batch_size: int, rank: int = 0, size: int = 1):
     """The step-th batch: rows order[step * batch_size ...] (wrapping), as mx arrays
-    (inputs, targets, target weights, input document ids)."""
-    idx = [order[(step * batch_size + i) % len(order)] for i in range(batch_size)]
+    (inputs, targets, target weights, input document ids); of data-parallel ranks, rank's share."""
+    share = batch_size // size
+    idx = [order[(step * batch_size + rank * share + i) % len(order)] for i in range(share)]
     ids, weights, docs = packed.ids[idx], packed.weights[idx], packed.docs[idx]
     # a target counts if it is weighted and its input token is of the same document
     target_weights = weights[:, 1:] * (docs[:, 1:] == docs[:, :-1])

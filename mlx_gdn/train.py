@@ -138,6 +138,11 @@ def train(cfg: TrainConfig, progress=True):
     out.mkdir(parents=True, exist_ok=True)
     if cfg.grad_accum < 1 or cfg.batch_size < 1:
         raise ValueError("--batch-size and --grad-accum must be at least 1")
+    group = mx.distributed.init()  # started by mlx.launch: data parallel; else one process
+    rank, size = group.rank(), group.size()
+    if cfg.batch_size % size:
+        raise ValueError(f"--batch-size ({cfg.batch_size}) must divide by the number of processes ({size})")
+    writer = rank == 0  # logs, checkpoints and the model come from rank 0
     mx.random.seed(cfg.seed)  # the initial weights of a preset and of LoRA adapters
     model, tokenizer, tokenizer_files = build_model(cfg, out)
     train_file, valid_file = data_files(Path(cfg.data))
@@ -166,23 +171,32 @@ def train(cfg: TrainConfig, progress=True):
     order = np.random.default_rng(cfg.seed).permutation(len(rows))
     value_and_grad = nn.value_and_grad(model, loss_fn)
 
-    def micro_batch(data, at, batch_order):
-        inputs, targets, weights, docs = batch_at(data, batch_order, at, cfg.batch_size)
+    def micro_batch(data, at, batch_order, share=True):
+        inputs, targets, weights, docs = batch_at(data, batch_order, at, cfg.batch_size,
+                                                  *((rank, size) if share else (0, 1)))
         return inputs, targets, weights, docs if isolate else None
 
-    log = open(out / "log.jsonl", "a")
-    bar = tqdm(total=iters, initial=step, disable=not progress, desc="train")
+    log = open(out / "log.jsonl", "a") if writer else open(os.devnull, "w")
+    bar = tqdm(total=iters, initial=step, disable=not (progress and writer), desc="train")
     last_good, start, tokens = step, time.perf_counter(), 0
     try:
         while step < iters:
-            loss, grads = 0.0, None
+            # the loss is the mean over every weighted target of the step (all micro-batches, all
+            # ranks): each part's mean and gradient count by its number of targets
+            loss, grads, count = 0.0, None, 0.0
             for micro in range(cfg.grad_accum):
                 batch = micro_batch(rows, step * cfg.grad_accum + micro, order)
-                tokens += batch[0].size
+                tokens += batch[0].size * size
+                n = batch[2].sum()
                 part, part_grads = value_and_grad(model, *batch)
-                loss = loss + part / cfg.grad_accum
-                part_grads = tree_map(lambda g: g / cfg.grad_accum, part_grads)
+                loss, count = loss + part * n, count + n
+                part_grads = tree_map(lambda g: g * n.astype(g.dtype), part_grads)
                 grads = part_grads if grads is None else tree_map(mx.add, grads, part_grads)
+            if size > 1:
+                loss, count = mx.distributed.all_sum(loss), mx.distributed.all_sum(count)
+            count = mx.maximum(count, 1.0)
+            grads = tree_map(lambda g: g * (size / count).astype(g.dtype), nn.average_gradients(grads))
+            loss = loss / count
             grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
             optimizer.update(model, grads)
             mx.eval(model.parameters(), optimizer.state, loss)
@@ -197,14 +211,14 @@ def train(cfg: TrainConfig, progress=True):
             if valid is not None and (step % cfg.eval_every == 0 or step == iters):
                 batches = range(min(8, -(-len(valid) // cfg.batch_size)))
                 record["valid_loss"] = float(np.mean([
-                    loss_fn(model, *micro_batch(valid, i, np.arange(len(valid)))).item()
+                    loss_fn(model, *micro_batch(valid, i, np.arange(len(valid)), share=False)).item()
                     for i in batches]))
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                             lr=f"{record['lr']:.2e}", mem=f"{record['peak_memory_gb']:.2f}GB")
             bar.update(1)
-            if step % cfg.save_every == 0 or step == iters:
+            if writer and (step % cfg.save_every == 0 or step == iters):
                 save_checkpoint(out, model, optimizer, {"step": step, "config": asdict(cfg)})
                 last_good = step
     finally:
@@ -212,9 +226,10 @@ def train(cfg: TrainConfig, progress=True):
         log.close()
     if cfg.fuse and getattr(model, "lora", None) is not None:
         fuse(model)
-    save_model(model, out / "model", extra_files=tokenizer_files)
-    shutil.rmtree(out / ".tokenizer", ignore_errors=True)
-    plot_losses(out / "log.jsonl", out / "loss.png")
+    if writer:
+        save_model(model, out / "model", extra_files=tokenizer_files)
+        shutil.rmtree(out / ".tokenizer", ignore_errors=True)
+        plot_losses(out / "log.jsonl", out / "loss.png")
     return model
 
 
