@@ -192,6 +192,9 @@ _NV = dict(num_heads=9, expand_v=2, norm_eps=1e-5, tie_word_embeddings=True, win
 PRESETS = {
     "tiny-gdn": dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, head_dim=16, num_heads=2,
                      expand_v=2, hidden_ratio=2),
+    # small, with the paper's head shape (K = 128, V = 256): where the op's cost shows in a model
+    "small-gdn": dict(vocab_size=2048, hidden_size=256, num_hidden_layers=4, head_dim=128, num_heads=2,
+                      expand_v=2, hidden_ratio=2),
     "tiny-h1": dict(vocab_size=512, hidden_size=64, num_hidden_layers=4, head_dim=16, num_heads=2,
                     expand_v=2, hidden_ratio=2, layer_types=["gdn", "swa"] * 2, attn_num_heads=4,
                     window_size=32),
