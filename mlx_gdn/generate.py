@@ -121,14 +121,45 @@ def generate_tokens(model, prompt: mx.array, max_tokens: int, sampler=None, logi
         logits = model(token[:, None], cache=cache)[:, -1]
 
 
-def stream_generate(model, tokenizer: Tokenizer, prompt: str, max_tokens: int = 256, temp: float = 0.0,
-                    top_p: float = 0.0, top_k: int = 0, min_p: float = 0.0,
-                    repetition_penalty: Optional[float] = None, stop: tuple = ()) -> Iterator[Response]:
-    if not prompt:
+def chat_prompt(tokenizer: Tokenizer, prompt: str, system: Optional[str] = None,
+                use_template: bool = True) -> str:
+    """The prompt as the model's chat template renders a user turn (after an optional system turn),
+    ready for the assistant's answer; the plain prompt when the model has no template or
+    use_template is False (then a system prompt is an error: there is nowhere to put it)."""
+    if use_template and tokenizer.chat_template:
+        messages = ([{"role": "system", "content": system}] if system else [])
+        return tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt}],
+                                             add_generation_prompt=True)
+    if system:
+        raise ValueError("a system prompt needs the model's chat template (the model has none, or "
+                         "--no-chat-template was given)")
+    return prompt
+
+
+def context_limit(model, max_context: Optional[int] = None) -> Optional[int]:
+    """The longest prompt + generation: max_context if given, else the config's
+    max_position_embeddings (the length it was trained for), else none."""
+    return max_context if max_context is not None else model.args.extra.get("max_position_embeddings")
+
+
+def _check_request(model, n_prompt, max_tokens, max_context):
+    if n_prompt == 0:
         raise ValueError("generate: the prompt is empty")
     if max_tokens < 1:
         raise ValueError(f"generate: max_tokens must be at least 1, got {max_tokens}")
-    ids = tokenizer.encode(prompt)
+    limit = context_limit(model, max_context)
+    if limit is not None and n_prompt + max_tokens > limit:
+        raise ValueError(f"generate: the prompt has {n_prompt} tokens; with max_tokens {max_tokens} that "
+                         f"is more than the model's {limit} (max_position_embeddings; a larger "
+                         "--max-context runs it anyway)")
+
+
+def stream_generate(model, tokenizer: Tokenizer, prompt: str, max_tokens: int = 256, temp: float = 0.0,
+                    top_p: float = 0.0, top_k: int = 0, min_p: float = 0.0,
+                    repetition_penalty: Optional[float] = None, stop: tuple = (),
+                    max_context: Optional[int] = None) -> Iterator[Response]:
+    ids = tokenizer.encode(prompt) if prompt else []
+    _check_request(model, len(ids), max_tokens, max_context)
     sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
     processors = make_logits_processors(repetition_penalty=repetition_penalty)
     mx.reset_peak_memory()
@@ -165,3 +196,28 @@ def stream_generate(model, tokenizer: Tokenizer, prompt: str, max_tokens: int = 
 
 def generate(model, tokenizer: Tokenizer, prompt: str, **kwargs) -> str:
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))
+
+
+def generate_batch(model, tokenizer: Tokenizer, prompts: List[str], max_tokens: int = 256,
+                   temp: float = 0.0, top_p: float = 0.0, top_k: int = 0, min_p: float = 0.0,
+                   max_context: Optional[int] = None) -> List[str]:
+    """All prompts at once, left-padded (each row's text stops at its EOS)."""
+    encoded = [tokenizer.encode(p) if p else [] for p in prompts]
+    if not encoded:
+        raise ValueError("generate: no prompts")
+    for ids in encoded:
+        _check_request(model, len(ids), max_tokens, max_context)
+    width = max(len(ids) for ids in encoded)
+    pad = tokenizer.eos_token_id or 0
+    tokens = mx.array([[pad] * (width - len(ids)) + ids for ids in encoded])
+    mask = mx.array([[False] * (width - len(ids)) + [True] * len(ids) for ids in encoded])
+    sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
+    outputs, done = [[] for _ in prompts], [False] * len(prompts)
+    for step in generate_tokens(model, tokens, max_tokens, sampler, mask=mask):
+        for row, token in enumerate(step.tolist()):
+            done[row] = done[row] or token == tokenizer.eos_token_id
+            if not done[row]:
+                outputs[row].append(token)
+        if all(done):
+            break
+    return [tokenizer.decode(ids) for ids in outputs]

@@ -10,7 +10,8 @@ import pytest
 import sentencepiece
 from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
-from mlx_gdn.generate import Tokenizer, generate, generate_tokens, stream_generate
+from mlx_gdn.generate import (Tokenizer, chat_prompt, generate, generate_batch, generate_tokens,
+                              stream_generate)
 from mlx_gdn.models import PRESETS, Model, ModelArgs, save_model
 
 ROOT = Path(__file__).parent.parent
@@ -94,3 +95,53 @@ def test_cli_end_to_end(model, tokenizer, tmp_path):
                            "max_tokens must be at least 1")]:
         bad = run(*args)
         assert bad.returncode == 1 and message in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_batch_rows_equal_single_runs(model, tokenizer):
+    tok = Tokenizer(sentencepiece.SentencePieceProcessor(model_file=str(tokenizer)))
+    prompts = ["the state decays", "the delta rule writes 12 values and the state", "values"]
+    batch = generate_batch(model, tok, prompts, max_tokens=12)
+    assert batch == [generate(model, tok, p, max_tokens=12) for p in prompts]
+
+
+TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}[assistant] {% endif %}")
+
+
+def test_chat_prompt_and_its_errors(tokenizer):
+    plain = Tokenizer(sentencepiece.SentencePieceProcessor(model_file=str(tokenizer)))
+    chat = Tokenizer(plain.backend, chat_template=TEMPLATE)
+    assert chat_prompt(chat, "hi", system="be brief") == "[system] be brief\n[user] hi\n[assistant] "
+    assert chat_prompt(chat, "hi", use_template=False) == "hi"
+    assert chat_prompt(plain, "hi") == "hi"
+    with pytest.raises(ValueError, match="system prompt needs the model's chat template"):
+        chat_prompt(plain, "hi", system="be brief")
+    bad = Tokenizer(plain.backend, chat_template="{{ raise_exception('only user turns') }}")
+    with pytest.raises(ValueError, match="chat template: only user turns"):
+        chat_prompt(bad, "hi")
+
+
+def test_prompt_longer_than_the_model_takes(tokenizer):
+    tok = Tokenizer(sentencepiece.SentencePieceProcessor(model_file=str(tokenizer)))
+    mx.random.seed(2)
+    limited = Model(ModelArgs.from_dict(dict(PRESETS["tiny-gdn"], vocab_size=60, max_position_embeddings=16)))
+    with pytest.raises(ValueError, match=r"the prompt has \d+ tokens; with max_tokens 10 that is more than "
+                                         r"the model's 16"):
+        generate(limited, tok, "the state decays and the delta rule writes", max_tokens=10)
+    assert generate(limited, tok, "the state decays and the delta rule writes", max_tokens=10, max_context=64)
+
+
+def test_cli_chat_and_prompts_file(model, tokenizer, tmp_path):
+    save_model(model, tmp_path / "m", extra_files=[tokenizer])
+    (tmp_path / "m" / "sp.model").rename(tmp_path / "m" / "tokenizer.model")
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "generate.py"), "--model", str(tmp_path / "m"),
+                                     *a], capture_output=True, text=True, cwd=tmp_path)
+    (tmp_path / "prompts.txt").write_text("the state\n\nthe delta rule writes\nvalues\n")
+    out = run("--prompts-file", str(tmp_path / "prompts.txt"), "--max-tokens", "6")
+    assert out.returncode == 0 and len(out.stdout.splitlines()) == 3
+    bad = run("--prompt", "x", "--system", "be brief")  # this model has no chat template
+    assert bad.returncode == 1 and "system prompt needs the model's chat template" in bad.stderr
+    (tmp_path / "m" / "tokenizer_config.json").write_text('{"chat_template": "[user] {{ messages[-1].content }}"}')
+    assert run("--prompt", "x", "--system", "be brief", "--max-tokens", "3").returncode == 0
+    neither = run()
+    assert neither.returncode == 2 and "--prompts-file" in neither.stderr
