@@ -1,8 +1,9 @@
-"""Checkpoint conversion: fla Hugging Face checkpoints -> mlx_gdn directories, and back (`to_hf`).
+"""Checkpoint conversion: fla Hugging Face checkpoints and NVlabs .pth -> mlx_gdn, and back (`to_hf`).
 
 Reads fla's `gated_deltanet` layout (config.json + model.safetensors, sharded safetensors with an
-index, or pytorch_model.bin through torch.load(weights_only=True)); all renaming lives in
-`sanitize`. Output is written to a temporary directory and renamed at the end.
+index, or pytorch_model.bin through torch.load(weights_only=True)) and NVlabs lit_gpt training
+checkpoints (.pth, weights_only too); fla's renaming lives in `sanitize`, NVlabs' in
+`mlx_gdn.nvlabs.sanitize`. Output is written to a temporary directory and renamed at the end.
 """
 
 import dataclasses
@@ -14,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import nvlabs
 from .lora import fuse
 from .loading import resolve
 from .models import Model, ModelArgs, load_model, quantize_model, save_model
@@ -51,17 +53,20 @@ def read_weights(path: Path):
                           "pytorch_model.bin")
 
 
-def _load_torch(file: Path) -> dict:
+def _load_torch(file: Path, unwrap=lambda state, source: state) -> dict:
     try:
         import torch
     except ImportError:
         raise ConversionError(f"{file}: reading .bin/.pth files needs torch "
                               "(pip install 'mlx_gdn[convert]')") from None
     try:
-        state = torch.load(str(file), map_location="cpu", weights_only=True)
+        state = unwrap(torch.load(str(file), map_location="cpu", weights_only=True), file)
+    except ConversionError:
+        raise
     except Exception as err:  # a pickle that needs code is refused by weights_only
         raise ConversionError(f"{file}: refused or unreadable ({type(err).__name__}: {err})") from None
-    return {k: mx.array(v.float().numpy()).astype(_torch_dtype(v)) for k, v in state.items()}
+    return {k: mx.array(v.float().numpy()).astype(_torch_dtype(v)) for k, v in state.items()
+            if isinstance(v, torch.Tensor)}
 
 
 def _torch_dtype(tensor):
@@ -82,8 +87,33 @@ def _claim(out: Path, force: bool):
         raise ConversionError(f"{out} exists (use --force to replace it)")
 
 
-def convert(hf_path, mlx_path, dtype=None, quantize=False, q_bits=4, q_group_size=64, force=False):
-    """fla checkpoint (directory or hub id) -> mlx_gdn directory. Returns the output path.
+def _read_checkpoint(hf_path, nvlabs_config, tokenizer):
+    """(source, args, shards of our weights, files to carry) of an fla directory / hub id or an
+    NVlabs .pth training checkpoint."""
+    if Path(hf_path).suffix in (".pth", ".pt", ".ckpt"):
+        src = Path(hf_path)
+        if not src.is_file():
+            raise FileNotFoundError(f"{src}: no such checkpoint file")
+        state = _load_torch(src, nvlabs.state_dict)
+        args = nvlabs.model_args(state, nvlabs_config, src)
+        extra = []
+        if tokenizer:
+            extra = [Path(tokenizer)] if Path(tokenizer).is_file() else \
+                [Path(tokenizer) / f for f in TOKENIZER_FILES if (Path(tokenizer) / f).is_file()]
+            if not extra:
+                raise FileNotFoundError(f"{tokenizer}: no tokenizer file")
+        return src, args, [nvlabs.sanitize(state, args)], extra
+    src = resolve(hf_path)
+    args = ModelArgs.from_dict(read_config(src))
+    extra = [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
+    return src, args, [sanitize(shard, args) for shard in read_weights(src)], extra
+
+
+def convert(hf_path, mlx_path, dtype=None, quantize=False, q_bits=4, q_group_size=64, force=False,
+            nvlabs_config=None, tokenizer=None):
+    """fla checkpoint (directory or hub id) or NVlabs .pth -> mlx_gdn directory. Returns the output
+    path. nvlabs_config: a published config name or a config.json (default: inferred); tokenizer:
+    a tokenizer file or directory to carry (a .pth has none).
 
     Without quantization, tensors go through shard by shard (each read, cast and written, then
     released), so memory stays near one shard; quantizing builds the whole model."""
@@ -91,14 +121,11 @@ def convert(hf_path, mlx_path, dtype=None, quantize=False, q_bits=4, q_group_siz
     _claim(out, force)
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    src = resolve(hf_path)
-    args = ModelArgs.from_dict(read_config(src))
+    src, args, shards, extra = _read_checkpoint(hf_path, nvlabs_config, tokenizer)
     model = Model(args)  # parameters stay lazy: the random init is never computed
-    shards = [sanitize(shard, args) for shard in read_weights(src)]
     check_weights({k: v for shard in shards for k, v in shard.items()}, model, src)
     # A_log and dt_bias stay float32 (fla keeps the gate in float32; bf16 can round A to 0)
     cast = lambda k, v: v if dtype is None or k.endswith(("A_log", "dt_bias")) else v.astype(DTYPES[dtype])
-    extra = [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
     if quantize:
         model.load_weights([(k, cast(k, v)) for shard in shards for k, v in shard.items()])
         quantize_model(model, bits=q_bits, group_size=q_group_size)
@@ -149,6 +176,8 @@ def to_hf(mlx_path, hf_path, dtype="float32", force=False):
         raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     src = Path(mlx_path)
     model = load_model(src)
+    if model.args.b_proj_bias:
+        raise ConversionError(f"--to-hf: {src} has a b_proj bias (an NVlabs model); fla's layer has none")
     if getattr(model, "lora", None) is not None:
         fuse(model, dequantize=True)
     weights = {}

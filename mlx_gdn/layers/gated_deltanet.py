@@ -63,7 +63,8 @@ class ShortConv(nn.Module):
 class GatedDeltaNet(nn.Module):
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_v_heads=None,
                  expand_v: float = 2.0, conv_size: int = 4, use_gate: bool = True,
-                 use_short_conv: bool = True, allow_neg_eigval: bool = False, norm_eps: float = 1e-6):
+                 use_short_conv: bool = True, allow_neg_eigval: bool = False, norm_eps: float = 1e-6,
+                 b_proj_bias: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.num_v_heads = num_v_heads or num_heads
@@ -80,7 +81,7 @@ class GatedDeltaNet(nn.Module):
         self.k_proj = nn.Linear(hidden_size, key_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, value_dim, bias=False)
         self.a_proj = nn.Linear(hidden_size, self.num_v_heads, bias=False)
-        self.b_proj = nn.Linear(hidden_size, self.num_v_heads, bias=False)
+        self.b_proj = nn.Linear(hidden_size, self.num_v_heads, bias=b_proj_bias)
         if use_short_conv:
             self.q_conv1d = ShortConv(key_dim, conv_size)
             self.k_conv1d = ShortConv(key_dim, conv_size)

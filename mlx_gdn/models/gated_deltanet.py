@@ -33,6 +33,7 @@ class ModelArgs:
     use_gate: bool = True
     use_short_conv: bool = True
     allow_neg_eigval: bool = False
+    b_proj_bias: bool = False  # NVlabs' lit_gpt layer has one (fla's has not)
     hidden_ratio: int = 4
     intermediate_size: Optional[int] = None
     norm_eps: float = 1e-6
@@ -105,7 +106,8 @@ class Block(nn.Module):
         elif layer_type == "gdn":
             self.attn = GatedDeltaNet(args.hidden_size, args.head_dim, args.num_heads, args.num_v_heads,
                                       args.expand_v, args.conv_size, args.use_gate,
-                                      args.use_short_conv, args.allow_neg_eigval, args.norm_eps)
+                                      args.use_short_conv, args.allow_neg_eigval, args.norm_eps,
+                                      args.b_proj_bias)
         else:
             self.attn = Attention(args.hidden_size, args.attn_num_heads or args.num_heads,
                                   args.attn_num_kv_heads,
