@@ -37,14 +37,27 @@ class Attention(nn.Module):
             k, v, valid, first = cache.update(k, v, valid, self.window_size)
         else:
             first = 0
-        # key j sits at position first + j, query i at offset + i
-        q_pos = mx.arange(offset, offset + T)[:, None]
-        k_pos = mx.arange(first, first + k.shape[2])[None]
+        # key j sits at position first + j, query i at offset + i. With a window, queries go in blocks
+        # of `window` against the keys they can see: memory ~ T x 2w instead of T x T.
+        block = T if self.window_size is None else max(self.window_size, 64)
+        outs = []
+        for i0 in range(0, T, block):
+            i1 = min(T, i0 + block)
+            j0 = 0 if self.window_size is None else max(0, offset + i0 - self.window_size + 1 - first)
+            j1 = offset + i1 - first
+            outs.append(self._attend(q[:, :, i0:i1], k[:, :, j0:j1], v[:, :, j0:j1], offset + i0,
+                                     first + j0, valid[:, j0:j1],
+                                     None if segments is None else (segments[:, i0:i1], segments[:, j0:j1])))
+        out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+    def _attend(self, q, k, v, q_first, k_first, valid, segments):
+        q_pos = mx.arange(q_first, q_first + q.shape[2])[:, None]
+        k_pos = mx.arange(k_first, k_first + k.shape[2])[None]
         allowed = k_pos <= q_pos
         if self.window_size is not None:
             allowed = allowed & (k_pos > q_pos - self.window_size)
         allowed = allowed[None, None] & valid[:, None, None, :]
         if segments is not None:
-            allowed = allowed & (segments[:, None, :, None] == segments[:, None, None, :])
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, mask=allowed)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+            allowed = allowed & (segments[0][:, None, :, None] == segments[1][:, None, None, :])
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, mask=allowed)
