@@ -130,3 +130,32 @@ def test_decode_matches_fla_fused_recurrent():
                             mode="recurrent")
     assert rms_rel(o_fla.cpu().numpy(), np.array(o)) <= 1e-5
     assert rms_rel(s_fla.cpu().numpy(), np.array(s)) <= 1e-5
+
+
+def test_to_hf_checkpoint_loads_in_fla_with_the_same_logits(tmp_path):
+    # an MLX-side model (GVA, LoRA adapters fused on the way out) exported with --to-hf, loaded by
+    # fla's from_pretrained; fla's layer takes its fused_recurrent path at T = 32 (float32-exact)
+    torch, _ = _fla()
+    from fla.models import GatedDeltaNetForCausalLM
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from mlx_gdn.convert import to_hf
+    from mlx_gdn.lora import LoraConfig, apply_lora
+    from mlx_gdn.models import Model, ModelArgs, save_model
+
+    mx.random.seed(11)
+    model = Model(ModelArgs(vocab_size=128, hidden_size=64, num_hidden_layers=2, head_dim=16, num_heads=2,
+                            num_v_heads=4, hidden_ratio=2, norm_eps=1e-6))
+    model.update(tree_unflatten([(k, mx.random.normal(v.shape) * 0.15) for k, v in
+                                 tree_flatten(model.parameters()) if not k.endswith(("A_log", "dt_bias", "norm.weight"))]))
+    apply_lora(model, LoraConfig(rank=4))
+    model.update(tree_unflatten([(k, mx.random.normal(v.shape) * 0.1)
+                                 for k, v in tree_flatten(model.trainable_parameters())]))
+    ids = np.random.default_rng(0).integers(0, 128, (2, 32))
+    ours = np.array(model(mx.array(ids)))
+    save_model(model, tmp_path / "mlx")
+    to_hf(tmp_path / "mlx", tmp_path / "hf")
+    fla_model = GatedDeltaNetForCausalLM.from_pretrained(str(tmp_path / "hf")).cuda().float().eval()
+    with torch.no_grad():
+        theirs = fla_model(torch.tensor(ids).cuda()).logits.float().cpu().numpy()
+    assert rms_rel(theirs, ours) <= 1e-4
