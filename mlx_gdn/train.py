@@ -4,7 +4,7 @@ AdamW with linear warmup + cosine decay (no weight decay on A_log, dt_bias, D an
 gradient clipping and accumulation, optional gradient checkpointing and bf16 weights (the op keeps
 float32 states), atomic checkpoints that resume exactly (weights, optimizer, schedule position,
 data order), JSONL logs and a loss-curve PNG, a tqdm bar. Batches are packed rows in a seeded order;
-documents in a row never see each other (Mamba2 layers excepted: they get no document bounds).
+documents in a row never see each other.
 """
 
 import dataclasses
@@ -167,14 +167,13 @@ def train(cfg: TrainConfig, progress=True):
             (out / "log.jsonl").write_text("".join(kept))
     else:
         prepare(model, cfg)
-    isolate = "mamba2" not in model.args.layer_types  # Mamba2 layers take no document bounds
     order = np.random.default_rng(cfg.seed).permutation(len(rows))
     value_and_grad = nn.value_and_grad(model, loss_fn)
 
     def micro_batch(data, at, batch_order, share=True):
         inputs, targets, weights, docs = batch_at(data, batch_order, at, cfg.batch_size,
                                                   *((rank, size) if share else (0, 1)))
-        return inputs, targets, weights, docs if isolate else None
+        return inputs, targets, weights, docs
 
     log = open(out / "log.jsonl", "a") if writer else open(os.devnull, "w")
     bar = tqdm(total=iters, initial=step, disable=not (progress and writer), desc="train")

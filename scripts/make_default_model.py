@@ -5,6 +5,8 @@ Text: the language-reference topics that ship with CPython (pydoc_data.topics) a
 the standard library's modules, classes and functions, as found in this interpreter.
 
     python scripts/make_default_model.py --out mlx_gdn/default_model --iters 1500
+Writes the model, its tokenizer, train_log.jsonl, loss.png and SAMPLE.txt (the prompt, then its 40
+greedy tokens; tests/test_default_model.py recomputes them).
 """
 
 import argparse
@@ -20,8 +22,12 @@ from pathlib import Path
 
 import sentencepiece
 
+from mlx_gdn.generate import generate
+from mlx_gdn.loading import load
 from mlx_gdn.models import PRESETS
 from mlx_gdn.train import TrainConfig, train
+
+SAMPLE_PROMPT = "The for statement"
 
 PRESETS.setdefault("default-gdn", dict(vocab_size=2048, hidden_size=192, num_hidden_layers=4,
                                        head_dim=32, num_heads=3, expand_v=2, hidden_ratio=2,
@@ -82,6 +88,9 @@ def main():
     shutil.copytree(work / "run" / "model", out)
     shutil.copy(work / "run" / "log.jsonl", out / "train_log.jsonl")
     shutil.copy(work / "run" / "loss.png", out / "loss.png")
+    model, tokenizer = load(out)
+    sample = generate(model, tokenizer, SAMPLE_PROMPT, max_tokens=40)
+    (out / "SAMPLE.txt").write_text(f"{SAMPLE_PROMPT}\n---\n{sample}\n")
     print(f"wrote {out}")
 
 

@@ -5,7 +5,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..ops.ssd import ssd_chunked, ssd_recurrent
-from .gated_deltanet import ShortConv, init_dt_bias
+from .gated_deltanet import ShortConv, document_bounds, init_dt_bias
 
 RECURRENT_MAX_TOKENS = 16
 
@@ -49,14 +49,15 @@ class Mamba2(nn.Module):
         self.norm = GatedRMSNorm(self.d_inner, n_groups, norm_eps)
         self.out_proj = nn.Linear(self.d_inner, hidden_size, bias=False)
 
-    def __call__(self, x, mask=None, cache=None):
-        """x [B, T, hidden]; mask [B, T] (real tokens, left padding) or None; cache: Mamba2Cache or None."""
+    def __call__(self, x, mask=None, cache=None, segments=None):
+        """x [B, T, hidden]; mask [B, T] (real tokens, left padding) or None; cache: Mamba2Cache or None;
+        segments [B, T]: document ids of packed rows (each document's scan starts from zero)."""
         B, T, _ = x.shape
         if mask is not None:  # padding in, all zeros; its dt is zeroed below so the state ignores it
             x = x * mask[..., None].astype(x.dtype)
         z, xBC, dt = mx.split(self.in_proj(x), [self.d_inner, 2 * self.d_inner + 2 * self.n_groups
                                                 * self.state_size], axis=-1)
-        xBC, conv_state = self.conv1d(xBC, None if cache is None else cache.conv)
+        xBC, conv_state = self.conv1d(xBC, None if cache is None else cache.conv, segments)
         GN = self.n_groups * self.state_size
         xs, Bm, Cm = mx.split(xBC, [self.d_inner, self.d_inner + GN], axis=-1)
         xs = xs.reshape(B, T, self.num_heads, self.head_dim)
@@ -67,7 +68,13 @@ class Mamba2(nn.Module):
             dt = dt * mask[..., None]
         A = -mx.exp(self.A_log.astype(mx.float32))
         state = None if cache is None else cache.state
-        if cache is not None and T <= RECURRENT_MAX_TOKENS:
+        if segments is not None:  # one scan per document, over the rows laid end to end
+            bounds = document_bounds(segments).tolist()
+            x_f, dt_f, B_f, C_f = (a.reshape(1, B * T, *a.shape[2:]) for a in (xs, dt, Bm, Cm))
+            parts = [ssd_chunked(x_f[:, s:e], dt_f[:, s:e], A, B_f[:, s:e], C_f[:, s:e], None,
+                                 self.chunk_size)[0] for s, e in zip(bounds, bounds[1:])]
+            y = mx.concatenate(parts, axis=1).reshape(xs.shape)
+        elif cache is not None and T <= RECURRENT_MAX_TOKENS:
             y, state = ssd_recurrent(xs, dt, A, Bm, Cm, state)
         else:
             y, state = ssd_chunked(xs, dt, A, Bm, Cm, state, self.chunk_size)

@@ -152,8 +152,7 @@ class Model(nn.Module):
     """model(input_ids [B, T], mask=None, cache=None) -> logits [B, T, vocab].
 
     mask [B, T]: True for real tokens (left padding only). cache: model.make_cache(), updated in place.
-    segments [B, T]: document ids for packed training rows (documents never see each other; GDN and
-    attention layers only, no cache).
+    segments [B, T]: document ids for packed training rows (documents never see each other; no cache).
     """
 
     def __init__(self, args: ModelArgs):
@@ -167,8 +166,6 @@ class Model(nn.Module):
         if segments is not None:
             if cache is not None or mask is not None:
                 raise ValueError("model: segments (packed rows) go without a cache or a mask")
-            if "mamba2" in self.args.layer_types:
-                raise ValueError("model: packed rows (segments) are not supported by Mamba2 layers")
             if tuple(segments.shape) != tuple(input_ids.shape):
                 raise ValueError(f"model: segments must have input_ids' shape {tuple(input_ids.shape)}, "
                                  f"got {tuple(segments.shape)}")
