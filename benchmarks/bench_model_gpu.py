@@ -44,24 +44,26 @@ def bench_ours(name, args, ids):
     row = {"params_M": params / 1e6, "roofline_tok_s": HBM_BYTES_S / (2 * params)}
     prompt = mx.array(ids)
     row["prefill_tok_s"] = ids.shape[1] / seconds(lambda: mx.eval(model(prompt)))
+    short = mx.repeat(prompt[:, :args.prompt], args.gen_batch, axis=0)
 
     def first_token():
-        mx.eval(next(generate_tokens(model, prompt[:, :args.prompt], 1)))
+        mx.eval(next(generate_tokens(model, short, 1)))
 
     row["ttft_ms"] = seconds(first_token) * 1e3
 
     def generation():
-        for _ in generate_tokens(model, prompt[:, :args.prompt], args.new_tokens):
+        for _ in generate_tokens(model, short, args.new_tokens):
             pass
 
-    row["gen_tok_s"] = args.new_tokens / (seconds(generation, repeats=1) - row["ttft_ms"] / 1e3)
+    row["gen_tok_s"] = args.gen_batch * args.new_tokens / (seconds(generation, repeats=1)
+                                                           - row["ttft_ms"] / 1e3)
 
     x, y = prompt[:, :-1], prompt[:, 1:]
     optimizer = optim.AdamW(1e-4)
     step = nn.value_and_grad(model, loss_fn)
 
     def train_step():
-        loss, grads = step(model, x, y)
+        loss, grads = step(model, x, y, mx.ones(y.shape))
         optimizer.update(model, grads)
         mx.eval(loss, model.parameters(), optimizer.state)
 
@@ -97,11 +99,11 @@ def bench_fla(name, args, ids, row):
     with torch.no_grad():
         row["prefill_tok_s"] = ids.shape[1] / seconds(run(lambda: model(prompt, use_cache=False)))
         print(json.dumps(row), flush=True)
-        short = prompt[:, :args.prompt]
+        short = prompt[:, :args.prompt].repeat(args.gen_batch, 1)
         gen = lambda n: model.generate(short, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         row["ttft_ms"] = seconds(run(lambda: gen(1))) * 1e3
-        row["gen_tok_s"] = args.new_tokens / (seconds(run(lambda: gen(args.new_tokens)), repeats=1)
-                                              - row["ttft_ms"] / 1e3)
+        row["gen_tok_s"] = args.gen_batch * args.new_tokens / (
+            seconds(run(lambda: gen(args.new_tokens)), repeats=1) - row["ttft_ms"] / 1e3)
         print(json.dumps(row), flush=True)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -123,6 +125,7 @@ def main():
     p.add_argument("--seq-len", type=int, default=2048, help="prefill and training length")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens for generation")
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--gen-batch", type=int, default=1, help="rows generated together (tokens/s counts all)")
     p.add_argument("--no-fla", action="store_true")
     p.add_argument("--no-ours", action="store_true")
     p.add_argument("--out", default=None)
@@ -132,7 +135,7 @@ def main():
     for name in args.presets:
         vocab = PRESETS[name].get("vocab_size", 32000)
         ids = np.random.default_rng(0).integers(0, vocab, (1, args.seq_len + 1))
-        row = {"preset": name, "seq_len": args.seq_len}
+        row = {"preset": name, "seq_len": args.seq_len, "gen_batch": args.gen_batch}
         if not args.no_ours:
             row["ours"] = bench_ours(name, args, ids)
             print(json.dumps(row), flush=True)
