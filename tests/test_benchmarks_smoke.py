@@ -1,0 +1,34 @@
+"""Every CPU benchmark script runs end to end on tiny settings (their numbers are not checked here:
+benchmarks print ratios; this only keeps the scripts in step with the library)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RUNS = {
+    "bench_ops.py": ["--seq-lens", "64", "--heads", "2", "--head-dim", "16", "--quick"],
+    "bench_model.py": ["--presets", "tiny-gdn", "--prefill", "64", "--decode-steps", "2", "--contexts", "128",
+                       "--piece", "64"],
+    "bench_train.py": ["--preset", "tiny-gdn", "--seq-lens", "64", "--builtin", "--checkpoint", "both",
+                       "--repeats", "1"],
+    "bench_generate.py": ["--models", "tiny-gdn", "--dtype", "float32", "--prompt-tokens", "16",
+                          "--new-tokens", "3"],
+    "bench_model_gpu.py": ["--presets", "tiny-gdn", "--seq-len", "64", "--prompt", "8", "--new-tokens", "3",
+                           "--gen-batch", "2", "--no-fla"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(RUNS))
+def test_benchmark_script_runs(script, tmp_path):
+    args = RUNS[script] + ["--out", str(tmp_path / "out.json")]
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads((tmp_path / "out.json").read_text())
