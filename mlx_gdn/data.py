@@ -91,15 +91,16 @@ class Packed:
 def pack(examples, seq_len: int, pad_id: int = 0) -> Packed:
     """Pieces of at most seq_len + 1 tokens packed in order into rows (see the module docstring)."""
     width = seq_len + 1
-    rows, row, doc = [], [], 0
+    rows, row, filled, doc = [], [], 0, 0
     for ids, weights in examples:
         for start in range(0, len(ids), width):
             piece = (ids[start:start + width], weights[start:start + width], doc)
             doc += 1
-            if sum(len(p[0]) for p in row) + len(piece[0]) > width:
+            if filled + len(piece[0]) > width:
                 rows.append(row)
-                row = []
+                row, filled = [], 0
             row.append(piece)
+            filled += len(piece[0])
     if row:
         rows.append(row)
     out = Packed(np.full((len(rows), width), pad_id, np.int32), np.zeros((len(rows), width), np.float32),

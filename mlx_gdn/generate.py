@@ -66,18 +66,25 @@ class Tokenizer:
         if not self.chat_template:
             raise ValueError("the model has no chat template (tokenizer_config.json 'chat_template')")
         from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
         try:
-            return env.from_string(self.chat_template).render(
+            return self._compiled_template().render(
                 messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens)
         except TemplateError as err:
             raise ValueError(f"chat template: {err}") from None
+
+    def _compiled_template(self):
+        # compiled once: a training set renders it several times per conversation
+        if getattr(self, "_template", None) is None:
+            from jinja2.exceptions import TemplateError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message):
+                raise TemplateError(message)
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.chat_template)
+        return self._template
 
     def encode_chat(self, messages, add_generation_prompt: bool = False):
         """(ids, assistant) for a conversation: assistant[i] is True where token i belongs to an

@@ -171,9 +171,7 @@ def train(cfg: TrainConfig, progress=True):
     value_and_grad = nn.value_and_grad(model, loss_fn)
 
     def micro_batch(data, at, batch_order, share=True):
-        inputs, targets, weights, docs = batch_at(data, batch_order, at, cfg.batch_size,
-                                                  *((rank, size) if share else (0, 1)))
-        return inputs, targets, weights, docs
+        return batch_at(data, batch_order, at, cfg.batch_size, *((rank, size) if share else (0, 1)))
 
     log = open(out / "log.jsonl", "a") if writer else open(os.devnull, "w")
     bar = tqdm(total=iters, initial=step, disable=not (progress and writer), desc="train")
