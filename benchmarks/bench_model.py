@@ -1,7 +1,7 @@
 """Model speed and memory: prefill tokens/s, decode tokens/s (B = 1, 8), peak memory, and the decode
 cache size as the context grows (it must stay flat: GDN/Mamba2 states are fixed, SWA keeps a window).
 
-    python benchmarks/bench_model.py --presets tiny-gdn tiny-h1 --prefill 2048 --contexts 1024 8192 32768
+    python benchmarks/bench_model.py --presets tiny-gdn tiny-h1 --prefill 2048 8192 --contexts 1024 8192 32768
     python benchmarks/bench_model.py --presets gdn-0.4b --prefill 256 --contexts   # CPU-sized
 """
 
@@ -41,16 +41,20 @@ def bench(name, args):
     vocab = model.args.vocab_size
     rng = np.random.default_rng(0)
     row = {"preset": name, "params_M": sum(v.size for _, v in tree_flatten(model.parameters())) / 1e6}
-    ids = mx.array(rng.integers(0, vocab, (1, args.prefill)))
-    timed(lambda: model(ids[:, :64]))  # warm-up
-    mx.reset_peak_memory()
-    _, seconds = timed(lambda: model(ids))
-    row.update(prefill_tokens=args.prefill, prefill_tok_s=args.prefill / seconds,
-               prefill_peak_gb=mx.get_peak_memory() / 1e9)
+    for length in args.prefill:
+        ids = mx.array(rng.integers(0, vocab, (1, length)))
+        timed(lambda: model(ids))  # warm-up (kernel compilation)
+        mx.reset_peak_memory()
+        _, seconds = timed(lambda: model(ids))
+        row[f"prefill_{length}_tok_s"] = length / seconds
+        row[f"prefill_{length}_peak_gb"] = mx.get_peak_memory() / 1e9
     for B in (1, 8):
         cache = model.make_cache()
         logits, _ = timed(lambda: model(mx.array(rng.integers(0, vocab, (B, 16))), cache=cache))
         token = mx.argmax(logits[:, -1:], axis=-1)
+        for _ in range(2):  # warm-up: the decode kernels compile on their first call
+            token = mx.argmax(model(token, cache=cache)[:, -1:], axis=-1)
+            mx.eval(token)
         start = time.perf_counter()
         for _ in range(args.decode_steps):
             token = mx.argmax(model(token, cache=cache)[:, -1:], axis=-1)
@@ -70,7 +74,7 @@ def bench(name, args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", nargs="+", default=["tiny-gdn", "tiny-h1"])
-    p.add_argument("--prefill", type=int, default=2048)
+    p.add_argument("--prefill", type=int, nargs="+", default=[2048])
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--contexts", type=int, nargs="*", default=[1024, 8192, 32768])
     p.add_argument("--piece", type=int, default=2048)

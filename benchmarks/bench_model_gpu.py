@@ -43,20 +43,23 @@ def bench_ours(name, args, ids):
     params = sum(v.size for _, v in tree_flatten(model.parameters()))
     row = {"params_M": params / 1e6, "roofline_tok_s": HBM_BYTES_S / (2 * params)}
     prompt = mx.array(ids)
-    row["prefill_tok_s"] = ids.shape[1] / seconds(lambda: mx.eval(model(prompt)))
+    if "prefill" in args.parts:
+        row["prefill_tok_s"] = ids.shape[1] / seconds(lambda: mx.eval(model(prompt)))
     short = mx.repeat(prompt[:, :args.prompt], args.gen_batch, axis=0)
 
     def first_token():
         mx.eval(next(generate_tokens(model, short, 1)))
 
-    row["ttft_ms"] = seconds(first_token) * 1e3
-
     def generation():
         for _ in generate_tokens(model, short, args.new_tokens):
             pass
 
-    row["gen_tok_s"] = args.gen_batch * args.new_tokens / (seconds(generation, repeats=1)
-                                                           - row["ttft_ms"] / 1e3)
+    if "gen" in args.parts:
+        row["ttft_ms"] = seconds(first_token) * 1e3
+        row["gen_tok_s"] = args.gen_batch * args.new_tokens / (seconds(generation, repeats=1)
+                                                               - row["ttft_ms"] / 1e3)
+    if "train" not in args.parts:
+        return row
 
     x, y = prompt[:, :-1], prompt[:, 1:]
     optimizer = optim.AdamW(1e-4)
@@ -97,14 +100,18 @@ def bench_fla(name, args, ids, row):
 
     model.eval()
     with torch.no_grad():
-        row["prefill_tok_s"] = ids.shape[1] / seconds(run(lambda: model(prompt, use_cache=False)))
-        print(json.dumps(row), flush=True)
+        if "prefill" in args.parts:
+            row["prefill_tok_s"] = ids.shape[1] / seconds(run(lambda: model(prompt, use_cache=False)))
+            print(json.dumps(row), flush=True)
         short = prompt[:, :args.prompt].repeat(args.gen_batch, 1)
         gen = lambda n: model.generate(short, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        row["ttft_ms"] = seconds(run(lambda: gen(1))) * 1e3
-        row["gen_tok_s"] = args.gen_batch * args.new_tokens / (
-            seconds(run(lambda: gen(args.new_tokens)), repeats=1) - row["ttft_ms"] / 1e3)
-        print(json.dumps(row), flush=True)
+        if "gen" in args.parts:
+            row["ttft_ms"] = seconds(run(lambda: gen(1))) * 1e3
+            row["gen_tok_s"] = args.gen_batch * args.new_tokens / (
+                seconds(run(lambda: gen(args.new_tokens)), repeats=1) - row["ttft_ms"] / 1e3)
+            print(json.dumps(row), flush=True)
+    if "train" not in args.parts:
+        return
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -126,6 +133,7 @@ def main():
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens for generation")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--gen-batch", type=int, default=1, help="rows generated together (tokens/s counts all)")
+    p.add_argument("--parts", nargs="+", choices=["prefill", "gen", "train"], default=["prefill", "gen", "train"])
     p.add_argument("--no-fla", action="store_true")
     p.add_argument("--no-ours", action="store_true")
     p.add_argument("--out", default=None)
