@@ -138,8 +138,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench_gpu.json")
     p.add_argument("--skip-builtin-bwd", action="store_true")
-    p.add_argument("--shapes", default="all", help="'all', 'none' or an index into SHAPES")
+    p.add_argument("--shapes", default="all", help="'all', 'none' or indices into SHAPES, e.g. 0,1")
+    p.add_argument("--scan-config", type=int, nargs=2, metavar=("TILE", "THREADS"),
+                   help="chunk-scan value tile and threads per threadgroup (default: kernels.py's)")
     args = p.parse_args()
+    if args.scan_config:
+        kernels.SCAN_TILE, kernels.SCAN_THREADS = args.scan_config
     try:
         import torch
         import fla.ops.common.chunk_o as chunk_o
@@ -151,7 +155,7 @@ def main():
     print(f"mlx {mx.__version__}, device {mx.default_device()}, mlx_gdn backend {kernels.backend()}")
     rows = []
     named = {"all": SHAPES, "none": []}
-    shapes = named[args.shapes] if args.shapes in named else [SHAPES[int(args.shapes)]]
+    shapes = named.get(args.shapes) or [SHAPES[int(i)] for i in args.shapes.split(",")]
     for B, T, H, D in shapes:
         data = inputs(B, T, H, D)
         row = {"shape": [B, T, H, D]}
@@ -172,14 +176,16 @@ def main():
     data = inputs(1, 2048, 16, 128)
     small = {"shape": [1, 2048, 16, 128]}
     small["ours_fwd_ms"], small["ours_fwdbwd_ms"] = bench_ours(*data)
-    small.update({f"builtin_{k}": val for k, val in bench_builtin(*data, backward=True).items()})
+    small.update({f"builtin_{k}": val for k, val in
+                  bench_builtin(*data, backward=not args.skip_builtin_bwd).items()})
     rows.append(small)
     print(json.dumps(small), flush=True)
     decode = [guarded(lambda: bench_decode(torch, fla_ops, B)) for B in (1, 16)]
     for row in decode:
         print(json.dumps(row), flush=True)
     with open(args.out, "w") as f:
-        json.dump({"device": str(mx.default_device()), "rows": rows, "decode": decode}, f, indent=1)
+        json.dump({"device": str(mx.default_device()), "scan_config": [kernels.SCAN_TILE, kernels.SCAN_THREADS],
+                   "rows": rows, "decode": decode}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ from bench_gpu import bench_ours, guarded, inputs, time_mlx
 from mlx_gdn.ops import chunk, gated_delta, kernels
 
 
+SCAN_CONFIGS = [(16, 128), (8, 128), (16, 256), (8, 256), (4, 256), (16, 512), (8, 512), (4, 128)]
+
+
 def parts(B, T, H, D, C=64):
     q, k, v, g, beta = (mx.array(x) for x in inputs(B, T, H, D))
     opt = gated_delta._Options(D ** -0.5, True, False, False, False, False, False)
@@ -35,12 +38,15 @@ def parts(B, T, H, D, C=64):
     h0 = mx.zeros((B, H, D, D))
     seg = ((0, T // C),)
     default = kernels.SCAN_TILE, kernels.SCAN_THREADS
-    for tile, threads in ((8, 128), (16, 128), (8, 256), (16, 256), (32, 256)):
+    both = {}
+    for tile, threads in SCAN_CONFIGS:
         kernels.SCAN_TILE, kernels.SCAN_THREADS = tile, threads
         out[f"scan_fwd_{tile}x{threads}_ms"] = time_mlx(
             lambda: kernels.scan_forward(pc.W, pc.U, pc.Kt, pc.decay, h0, seg))
         out[f"scan_bwd_{tile}x{threads}_ms"] = time_mlx(lambda: kernels.scan_backward(
             pc.U, pc.U[:, :, :D], pc.Kt, pc.W, pc.decay, h0, seg))
+        both[(tile, threads)] = out[f"scan_fwd_{tile}x{threads}_ms"] + out[f"scan_bwd_{tile}x{threads}_ms"]
+    out["best_scan"] = min(both, key=both.get)
     kernels.SCAN_TILE, kernels.SCAN_THREADS = default
     states, u, _ = kernels.scan_forward(pc.W, pc.U, pc.Kt, pc.decay, h0, seg)
     mx.eval(states, u)

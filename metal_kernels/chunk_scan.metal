@@ -11,6 +11,10 @@
 // tiles of 4 value columns per thread, so each matrix element read feeds 4 multiply-adds. A and B
 // are staged CB chunk rows at a time into threadgroup memory by all threads at once (every load in
 // flight together): read one by one from device memory, each would wait out its own latency.
+// The product A h has only CB x BV / 4 register tiles per stage; when threads outnumber them, the
+// k sum is split KS ways and the partial sums meet in threadgroup memory, so every thread works
+// (the scan is latency-bound: one warp per scheduler issued an instruction every 4.5 cycles on an
+// H200; more warps hide that latency).
 // Template: K, V, C, N (chunks), R, THREADS, BV (a multiple of 4 dividing 4 * THREADS), CB (rows per stage, divides
 // C), REVERSE, HAS_Y.
 // Inputs: A, Bm [N,R,C,K]; X [N,R,C,V]; Y [N,R,K,V] (read only if HAS_Y); decay [N,R];
@@ -20,13 +24,17 @@
 constexpr int VG = BV / 4;                      // column groups of 4 per tile
 constexpr int GROUPS = THREADS / VG;            // row groups (k for the update, c for the product)
 constexpr int KPT = (K + GROUPS - 1) / GROUPS;  // state rows k per thread
-constexpr int CPS = (CB + GROUPS - 1) / GROUPS;  // chunk rows c per thread and stage
+constexpr int TILES = CB * VG;                  // register tiles (row, 4 columns) of A h per stage
+constexpr int KS = THREADS > TILES ? THREADS / TILES : 1;  // ways the k sum is split
+constexpr int KSPAN = (K + KS - 1) / KS;         // k per split
+constexpr int TPT = (TILES * KS + THREADS - 1) / THREADS;  // (tile, split) items per thread
 constexpr int LPT = (CB * K + THREADS - 1) / THREADS;  // staged elements per thread
 constexpr int AS = CB + 1;                      // padded stride of the transposed A stage
 constexpr float SIGN = REVERSE ? 1.0f : -1.0f;
 threadgroup float h_s[K * BV];
 threadgroup float x_s[C * BV];
 threadgroup float m_s[K * AS];
+threadgroup float p_s[KS * CB * BV];            // partial sums of A h, one set per k split
 const uint tid = thread_position_in_threadgroup.x;
 const uint r = threadgroup_position_in_grid.z;
 const int col = (int)(tid % VG) * 4;           // first of this thread's 4 columns within the tile
@@ -72,28 +80,42 @@ for (int step = 0; step < N; ++step) {
       }
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    for (int i = 0; i < CPS; ++i) {
-      const int cc = grp + GROUPS * i;
-      if (cc < CB) {
+    // item = split * TILES + tile: a warp's lanes share the split and walk (row, 4 columns) tiles
+    for (int i = 0; i < TPT; ++i) {
+      const int item = (int)tid + THREADS * i;
+      if (item < TILES * KS) {
+        const int tile = item % TILES;
+        const int cc = tile / VG;
+        const int tc = (tile % VG) * 4;
+        const int k0 = (item / TILES) * KSPAN;
+        const int k1 = k0 + KSPAN < K ? k0 + KSPAN : K;
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int k = 0; k < K; ++k) {
+        for (int k = k0; k < k1; ++k) {
           const float a = m_s[k * AS + cc];
           for (int j = 0; j < 4; ++j) {
-            acc[j] += a * h_s[k * BV + col + j];
+            acc[j] += a * h_s[k * BV + tc + j];
           }
         }
-        const int c = c0 + cc;
         for (int j = 0; j < 4; ++j) {
-          const bool inside = v0 + j < V;
-          const float x = inside ? X[(nr * C + c) * V + v0 + j] + SIGN * acc[j] : 0.0f;
-          x_s[c * BV + col + j] = x;
-          if (inside) {
-            x_new[(nr * C + c) * V + v0 + j] = x;
-          }
+          p_s[(item / TILES * CB + cc) * BV + tc + j] = acc[j];
         }
       }
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (int e = (int)tid; e < CB * BV; e += THREADS) {
+      const int c = c0 + e / BV;
+      const int v = (int)threadgroup_position_in_grid.y * BV + e % BV;
+      float acc = 0.0f;
+      for (int ks = 0; ks < KS; ++ks) {
+        acc += p_s[ks * CB * BV + e];
+      }
+      const bool inside = v < V;
+      const float x = inside ? X[(nr * C + c) * V + v] + SIGN * acc : 0.0f;
+      x_s[c * BV + e % BV] = x;
+      if (inside) {
+        x_new[(nr * C + c) * V + v] = x;
+      }
+    }
   }
   // h' = decay h + Y - s B^T x on this thread's rows k = grp + GROUPS * i; B staged as is.
   const float d = decay[nr];

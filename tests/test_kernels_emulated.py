@@ -26,7 +26,9 @@ SCAN_CASES = [
     (5, 1, 2, 32, 64, 48, ((0, 1), (1, 4), (4, 5)), 16),  # varlen: three segments
     (2, 1, 1, 64, 128, 40, None, 32),       # the GPU shape's K and C; tile wider than V's rest
     (2, 1, 1, 64, 200, 24, None, 8),        # more state rows than threads per row group
-    (2, 1, 2, 64, 128, 64, None, (16, 256)),  # 256 threads per threadgroup
+    (2, 1, 2, 64, 128, 64, None, (16, 256)),  # 256 threads per threadgroup: the k sum split 2 ways
+    (3, 1, 2, 64, 128, 40, None, (8, 512)),   # split 8 ways, V not a multiple of the tile
+    (3, 2, 1, 16, 60, 20, ((0, 2), (2, 3)), (8, 256)),  # 8 splits of a K that 8 does not divide; varlen
 ]
 
 

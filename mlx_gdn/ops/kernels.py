@@ -78,14 +78,21 @@ def _scan_flags(segments, N, reverse):
     return mx.array(start, dtype=mx.int32), mx.array(end, dtype=mx.int32)
 
 
-def _scan_tiles(K, C):
+def _scan_bytes(K, C, tile, rows, threads):
+    """Threadgroup memory of chunk_scan.metal: h_s, x_s, m_s and p_s (its k-split partial sums)."""
+    tiles = rows * tile // 4
+    splits = threads // tiles if threads > tiles else 1
+    return 4 * (K * tile + C * tile + K * (rows + 1) + splits * rows * tile)
+
+
+def _scan_tiles(K, C, threads):
     """(value columns, staged chunk rows) per threadgroup: the widest that fit its memory."""
     tile = SCAN_TILE
     while True:
         rows = C
-        while rows > 8 and 4 * (K * (rows + 1) + (K + C) * tile) > THREADGROUP_BYTES:
+        while rows > 8 and _scan_bytes(K, C, tile, rows, threads) > THREADGROUP_BYTES:
             rows //= 2
-        if tile == 4 or 4 * (K * (rows + 1) + (K + C) * tile) <= THREADGROUP_BYTES:
+        if tile == 4 or _scan_bytes(K, C, tile, rows, threads) <= THREADGROUP_BYTES:
             return tile, rows
         tile //= 2
 
@@ -97,7 +104,7 @@ def _scan(A, X, Bm, Y, decay, h_in, segments, reverse):
     S = len(segments)
     B = h_in.shape[0] // S
     N, R = NB // B, B * HV
-    tile, rows = _scan_tiles(K, C)
+    tile, rows = _scan_tiles(K, C, SCAN_THREADS)
     has_y = Y is not None
     states, x_new, h_out = get_kernel("chunk_scan")(
         inputs=[A, X, Bm, Y if has_y else mx.zeros((1,)), decay.reshape(N, R), h_in,
