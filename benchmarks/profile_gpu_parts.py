@@ -1,6 +1,6 @@
 """Where the GPU time goes: the chunked op's parts timed one by one (run on the device machine).
 
-    PYTHONPATH=. python benchmarks/profile_gpu_parts.py [B T H D]
+    PYTHONPATH=. python benchmarks/profile_gpu_parts.py [B T H K [V]]
 
 Prints, for one bf16 shape: the whole forward and forward+backward at several block sizes, then the
 per-chunk pieces (C x C matrices, WY), each scan kernel alone and the output product, each forced
@@ -19,9 +19,16 @@ from mlx_gdn.ops import chunk, gated_delta, kernels
 SCAN_CONFIGS = [(16, 128), (8, 128), (16, 256), (8, 256), (4, 256), (16, 512), (8, 512), (4, 128)]
 
 
-def parts(B, T, H, D, C=64):
-    q, k, v, g, beta = (mx.array(x) for x in inputs(B, T, H, D))
-    opt = gated_delta._Options(D ** -0.5, True, False, False, False, False, False)
+def shaped_inputs(B, T, H, K, V):
+    q, k, _, g, beta = inputs(B, T, H, K)
+    v = inputs(B, T, H, V, seed=1)[2]
+    return q, k, v, g, beta
+
+
+def parts(B, T, H, K, V, C=64):
+
+    q, k, v, g, beta = (mx.array(x) for x in shaped_inputs(B, T, H, K, V))
+    opt = gated_delta._Options(K ** -0.5, True, False, False, False, False, False)
     seqs = [(0, T)]
     prep = lambda: [gated_delta._to_chunks(x, seqs, C, False)
                     for x in gated_delta._prepare(opt, q, k, v, g, beta, None, None)]
@@ -35,7 +42,8 @@ def parts(B, T, H, D, C=64):
     out["pieces_compiled_ms"] = guarded(lambda: time_mlx(lambda: compiled(cq, ck, cv, cg, cb)))
     pc = pieces()
     mx.eval(pc.W, pc.U, pc.Kt, pc.P, pc.decay, pc.eg)
-    h0 = mx.zeros((B, H, D, D))
+    h0 = mx.zeros((B, H, K, V))
+    QdO = mx.zeros((pc.W.shape[0], H, K, V))
     seg = ((0, T // C),)
     default = kernels.SCAN_TILE, kernels.SCAN_THREADS
     both = {}
@@ -44,7 +52,7 @@ def parts(B, T, H, D, C=64):
         out[f"scan_fwd_{tile}x{threads}_ms"] = time_mlx(
             lambda: kernels.scan_forward(pc.W, pc.U, pc.Kt, pc.decay, h0, seg))
         out[f"scan_bwd_{tile}x{threads}_ms"] = time_mlx(lambda: kernels.scan_backward(
-            pc.U, pc.U[:, :, :D], pc.Kt, pc.W, pc.decay, h0, seg))
+            pc.U, QdO, pc.Kt, pc.W, pc.decay, h0, seg))
         both[(tile, threads)] = out[f"scan_fwd_{tile}x{threads}_ms"] + out[f"scan_bwd_{tile}x{threads}_ms"]
     out["best_scan"] = min(both, key=both.get)
     kernels.SCAN_TILE, kernels.SCAN_THREADS = default
@@ -57,14 +65,15 @@ def parts(B, T, H, D, C=64):
 
 
 def main():
-    B, T, H, D = (int(x) for x in sys.argv[1:5]) if len(sys.argv) > 4 else (1, 8192, 16, 128)
-    print(f"mlx {mx.__version__} {mx.default_device()} backend {kernels.backend()} shape {(B, T, H, D)}")
-    data = inputs(B, T, H, D)
+    B, T, H, K = (int(x) for x in sys.argv[1:5]) if len(sys.argv) > 4 else (1, 8192, 16, 128)
+    V = int(sys.argv[5]) if len(sys.argv) > 5 else K
+    print(f"mlx {mx.__version__} {mx.default_device()} backend {kernels.backend()} shape {(B, T, H, K, V)}")
+    data = shaped_inputs(B, T, H, K, V)
     for scale in (1, 8):
         chunk.KERNEL_BLOCK_SCALE = scale
         fwd, fwdbwd = bench_ours(*data)
         print(json.dumps({"block_scale": scale, "fwd_ms": fwd, "fwdbwd_ms": fwdbwd}), flush=True)
-    print(json.dumps(parts(B, T, H, D)), flush=True)
+    print(json.dumps(parts(B, T, H, K, V)), flush=True)
     # the whole op under mx.compile (element-wise chains fused)
     qm, km, vm, bm = (mx.array(x).astype(mx.bfloat16) for x in (data[0], data[1], data[2], data[4]))
     gm = mx.array(data[3])
