@@ -20,9 +20,12 @@ SPECS = {
     "unit_lower_inverse": (["A"], ["T"]),
 }
 TG_COLUMNS = 4  # decode: value columns (SIMD groups) per threadgroup
-SCAN_TILE = 8  # chunk scan: value columns per threadgroup (smaller where threadgroup memory is short)
-SCAN_THREADS = 256  # H200 sweep at (1, 8192, 16, 128): 8 x 256 best (fwd 1.58 ms, bwd 1.83; 16 x 128 2.53, 2.79)
-THREADGROUP_BYTES = 32768  # Metal's limit
+# Chunk scan: value columns per threadgroup (smaller where threadgroup memory is short) and threads
+# (None: by K). H200 sweeps (benchmarks/results/profile_gpu_parts_*): 16 columns with 512 threads
+# at K = 128, 256 threads at K = 200, were the best or within noise of it.
+SCAN_TILE = 16
+SCAN_THREADS = None
+THREADGROUP_BYTES = {"metal": 32768, "cuda": 49152}  # Metal's limit; CUDA's for static shared memory
 
 _override = None  # (backend name, factory) while use_factory is active
 _compiled = {}
@@ -85,14 +88,14 @@ def _scan_bytes(K, C, tile, rows, threads):
     return 4 * (K * tile + C * tile + K * (rows + 1) + splits * rows * tile)
 
 
-def _scan_tiles(K, C, threads):
-    """(value columns, staged chunk rows) per threadgroup: the widest that fit its memory."""
+def _scan_tiles(K, C, threads, limit):
+    """(value columns, staged chunk rows) per threadgroup: the widest that fit `limit` bytes."""
     tile = SCAN_TILE
     while True:
         rows = C
-        while rows > 8 and _scan_bytes(K, C, tile, rows, threads) > THREADGROUP_BYTES:
+        while rows > 8 and _scan_bytes(K, C, tile, rows, threads) > limit:
             rows //= 2
-        if tile == 4 or _scan_bytes(K, C, tile, rows, threads) <= THREADGROUP_BYTES:
+        if tile == 4 or _scan_bytes(K, C, tile, rows, threads) <= limit:
             return tile, rows
         tile //= 2
 
@@ -104,14 +107,16 @@ def _scan(A, X, Bm, Y, decay, h_in, segments, reverse):
     S = len(segments)
     B = h_in.shape[0] // S
     N, R = NB // B, B * HV
-    tile, rows = _scan_tiles(K, C, SCAN_THREADS)
+    # more staged rows a step where the runner allows (fewer barriers); the emulator keeps Metal's limit
+    threads = SCAN_THREADS or (512 if K <= 128 else 256)
+    tile, rows = _scan_tiles(K, C, threads, THREADGROUP_BYTES.get(backend(), THREADGROUP_BYTES["metal"]))
     has_y = Y is not None
     states, x_new, h_out = get_kernel("chunk_scan")(
         inputs=[A, X, Bm, Y if has_y else mx.zeros((1,)), decay.reshape(N, R), h_in,
                 *_scan_flags(segments, N, reverse)],
-        template=[("K", K), ("V", V), ("C", C), ("N", N), ("R", R), ("THREADS", SCAN_THREADS), ("BV", tile), ("CB", rows),
+        template=[("K", K), ("V", V), ("C", C), ("N", N), ("R", R), ("THREADS", threads), ("BV", tile), ("CB", rows),
                   ("REVERSE", reverse), ("HAS_Y", has_y)],
-        grid=(SCAN_THREADS, -(-V // tile), R), threadgroup=(SCAN_THREADS, 1, 1),
+        grid=(threads, -(-V // tile), R), threadgroup=(threads, 1, 1),
         output_shapes=[(N, R, K, V), (N, R, C, V), (S * R, K, V)],
         output_dtypes=[mx.float32] * 3)
     return (states.reshape(N * B, HV, K, V), x_new.reshape(N * B, HV, C, V),
