@@ -137,8 +137,7 @@ def convert(hf_path, mlx_path, dtype=None, quantize=False, q_bits=4, q_group_siz
             shard = shards.pop(0)
             yield {k: cast(k, v) for k, v in shard.items()}
 
-    n = len(shards)
-    write_model_dir(out, config_of(model), n, stream(), extra_files=extra)
+    write_model_dir(out, config_of(model), stream(), extra_files=extra)
     return out
 
 

@@ -5,6 +5,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from mlx_gdn.models import from_preset, load_model, quantize_model, save_model
 from reference import rms_rel
@@ -24,6 +25,22 @@ def test_save_and_load_round_trip(model, tmp_path):
     loaded = load_model(tmp_path / "m")
     np.testing.assert_array_equal(np.array(loaded(IDS)), np.array(model(IDS)))
     assert not list(tmp_path.glob(".m.*")), "temporary directory left behind"
+
+
+def test_weights_over_the_shard_limit_are_sharded_with_an_index(model, tmp_path, monkeypatch):
+    from mlx_gdn.models import io
+    total = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    monkeypatch.setattr(io, "MAX_SHARD_BYTES", total // 3)
+    save_model(model, tmp_path / "m")
+    files = sorted(p.name for p in (tmp_path / "m").glob("*.safetensors"))
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(files) >= 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert sorted(set(index.values())) == files
+    for f in files:  # every shard within the limit, except a single tensor larger than it
+        shard = mx.load(str(tmp_path / "m" / f))
+        assert len(shard) == 1 or sum(v.nbytes for v in shard.values()) <= total // 3
+    loaded = load_model(tmp_path / "m")
+    np.testing.assert_array_equal(np.array(loaded(IDS)), np.array(model(IDS)))
 
 
 def dequantized_copy(quantized):

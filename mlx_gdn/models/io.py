@@ -15,6 +15,7 @@ from .gated_deltanet import Model, ModelArgs
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 5 * 10 ** 9  # as Hugging Face's save_pretrained: larger weights go into shards
 
 
 def _quantizable(group_size):
@@ -42,22 +43,44 @@ def config_of(model: Model) -> dict:
     return config
 
 
-def write_model_dir(path, config: dict, n_shards: int, shards, extra_files=()):
-    """Writes config.json, the weights (`shards` yields n_shards dicts, written and released one at a
-    time: model.safetensors, or model-0000i-of-0000n.safetensors + index) and extra files, through a
-    temporary directory renamed at the end."""
+def _split(parts, max_bytes):
+    """Each dict of tensors as shards of at most max_bytes (a larger tensor alone), in order. Dicts are
+    never merged (a converted checkpoint streams one source shard at a time, and memory follows it)."""
+    for tensors in parts:
+        shard, size = {}, 0
+        for name in list(tensors):
+            value = tensors.pop(name)
+            if shard and size + value.nbytes > max_bytes:
+                yield shard
+                shard, size = {}, 0
+            shard[name] = value
+            size += value.nbytes
+        if shard:
+            yield shard
+
+
+def write_model_dir(path, config: dict, parts, extra_files=()):
+    """Writes config.json, the weights and extra files through a temporary directory renamed at the
+    end. `parts` yields dicts of tensors (a source checkpoint's shards), written and released one at a
+    time, each split further where it exceeds MAX_SHARD_BYTES: one model.safetensors, or shards
+    model-0000i-of-0000n.safetensors with an index."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        weight_map = {}
-        for i, tensors in enumerate(shards):
-            name = WEIGHTS if n_shards == 1 else f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
-            mx.save_safetensors(str(tmp / name), tensors, metadata={"format": "mlx"})
-            weight_map.update({k: name for k in tensors})
+        names = []  # the tensor names of each shard, written under a provisional name
+        for i, tensors in enumerate(_split(parts, MAX_SHARD_BYTES)):
+            mx.save_safetensors(str(tmp / f"part-{i}.safetensors"), tensors, metadata={"format": "mlx"})
+            names.append(list(tensors))
             del tensors
-        if n_shards > 1:
+        n = len(names)
+        weight_map = {}
+        for i, keys in enumerate(names):
+            name = WEIGHTS if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(tmp / f"part-{i}.safetensors", tmp / name)
+            weight_map.update({k: name for k in keys})
+        if n > 1:
             (tmp / INDEX).write_text(json.dumps({"weight_map": weight_map}, indent=1))
         for f in extra_files:
             shutil.copy(f, tmp / Path(f).name)
@@ -74,13 +97,13 @@ def save_model(model: Model, path, extra_files=()):
     the base weights, plus adapters.safetensors and adapter_config.json)."""
     from .. import lora
     if getattr(model, "lora", None) is None:
-        write_model_dir(path, config_of(model), 1, [dict(tree_flatten(model.parameters()))], extra_files)
+        write_model_dir(path, config_of(model), [dict(tree_flatten(model.parameters()))], extra_files)
         return
     base, _ = lora.split_weights(model)
     with tempfile.TemporaryDirectory() as tmp:
         lora.save_adapters(model, Path(tmp))
         files = [Path(tmp) / lora.ADAPTERS, Path(tmp) / lora.ADAPTER_CONFIG]
-        write_model_dir(path, config_of(model), 1, [base], list(extra_files) + files)
+        write_model_dir(path, config_of(model), [base], list(extra_files) + files)
 
 
 def _load_safetensors(file: Path) -> dict:
