@@ -25,7 +25,7 @@ class Attention(nn.Module):
 
     def __call__(self, x, mask=None, cache=None, segments=None):
         """x [B, T, hidden]; mask [B, T] (True for real tokens) or None; cache: AttentionCache or None;
-        segments [B, T]: document ids of packed rows (a token sees its own document only)."""
+        segments: the Documents of packed rows (a token sees its own document only)."""
         B, T, _ = x.shape
         offset = 0 if cache is None else cache.offset
         q = self.q_proj(x).reshape(B, T, self.num_heads, -1).transpose(0, 2, 1, 3)
@@ -47,7 +47,7 @@ class Attention(nn.Module):
             j1 = offset + i1 - first
             outs.append(self._attend(q[:, :, i0:i1], k[:, :, j0:j1], v[:, :, j0:j1], offset + i0,
                                      first + j0, valid[:, j0:j1],
-                                     None if segments is None else (segments[:, i0:i1], segments[:, j0:j1])))
+                                     None if segments is None else (segments.ids[:, i0:i1], segments.ids[:, j0:j1])))
         out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
 

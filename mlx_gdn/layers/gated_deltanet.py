@@ -4,7 +4,6 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from ..ops import gated_delta_rule
 
@@ -14,15 +13,6 @@ def init_dt_bias(n):
     dt = mx.exp(mx.random.uniform(0, 1, (n,)) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
     dt = mx.maximum(dt, 1e-4)
     return dt + mx.log(-mx.expm1(-dt))
-
-
-def document_bounds(segments):
-    """[B, T] document ids -> cu_seqlens of the rows laid end to end (a row start is a bound too)."""
-    seg = np.asarray(segments)
-    B, T = seg.shape
-    starts = np.ones((B, T), dtype=bool)
-    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
-    return mx.array(np.append(np.flatnonzero(starts.reshape(-1)), B * T).astype(np.int32))
 
 
 class ShortConv(nn.Module):
@@ -36,8 +26,8 @@ class ShortConv(nn.Module):
             self.bias = mx.zeros((channels,))
 
     def __call__(self, x, state=None, segments=None):
-        """x [B, T, C]; state: the previous K - 1 inputs [B, K - 1, C] or None (zeros); segments
-        [B, T] document ids of packed rows (an input from another document counts as zero).
+        """x [B, T, C]; state: the previous K - 1 inputs [B, K - 1, C] or None (zeros); segments:
+        the Documents of packed rows (an input from another document counts as zero).
         Returns (silu(conv(x)), new state)."""
         K = self.weight.shape[-1]
         if state is None:
@@ -54,10 +44,7 @@ class ShortConv(nn.Module):
             term = full[:, i:i + T] * self.weight[:, 0, i]
             lag = K - 1 - i
             if segments is not None and lag:
-                same = segments[:, lag:] == segments[:, :-lag]
-                same = mx.concatenate([mx.zeros((x.shape[0], min(lag, T)), dtype=mx.bool_),
-                                       same], axis=1)[:, :T]
-                term = term * same[..., None].astype(x.dtype)
+                term = term * segments.same(lag).astype(x.dtype)
             terms.append(term)
         out = sum(terms)
         if "bias" in self:
@@ -101,8 +88,8 @@ class GatedDeltaNet(nn.Module):
 
     def __call__(self, x, mask=None, cache=None, segments=None):
         """x [B, T, hidden]; mask [B, T] (True for real tokens, left padding) or None;
-        cache: a GatedDeltaNetCache or None; segments [B, T]: document ids of packed rows (no
-        document sees another: the rows become one varlen batch of the op)."""
+        cache: a GatedDeltaNetCache or None; segments: the Documents of packed rows (no document
+        sees another: the rows become one varlen batch of the op)."""
         B, T, _ = x.shape
         if mask is not None:  # padding in, all zeros: inert in the convolutions and the state
             x = x * mask[..., None].astype(x.dtype)
@@ -120,7 +107,7 @@ class GatedDeltaNet(nn.Module):
         packed = {}
         if segments is not None:
             q, k, v, a, b = (y.reshape(1, B * T, *y.shape[2:]) for y in (q, k, v, a, b))
-            packed["cu_seqlens"] = document_bounds(segments)
+            packed["cu_seqlens"] = segments.cu_seqlens
         o, state = gated_delta_rule(
             q, k, v, a, b,
             initial_state=None if cache is None else cache.state, output_final_state=cache is not None,

@@ -5,7 +5,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..ops.ssd import ssd_chunked, ssd_recurrent
-from .gated_deltanet import ShortConv, document_bounds, init_dt_bias
+from .gated_deltanet import ShortConv, init_dt_bias
 
 RECURRENT_MAX_TOKENS = 16
 
@@ -51,7 +51,7 @@ class Mamba2(nn.Module):
 
     def __call__(self, x, mask=None, cache=None, segments=None):
         """x [B, T, hidden]; mask [B, T] (real tokens, left padding) or None; cache: Mamba2Cache or None;
-        segments [B, T]: document ids of packed rows (each document's scan starts from zero)."""
+        segments: the Documents of packed rows (each document's scan starts from zero)."""
         B, T, _ = x.shape
         if mask is not None:  # padding in, all zeros; its dt is zeroed below so the state ignores it
             x = x * mask[..., None].astype(x.dtype)
@@ -69,7 +69,7 @@ class Mamba2(nn.Module):
         A = -mx.exp(self.A_log.astype(mx.float32))
         state = None if cache is None else cache.state
         if segments is not None:  # one scan per document, over the rows laid end to end
-            bounds = document_bounds(segments).tolist()
+            bounds = segments.bounds
             x_f, dt_f, B_f, C_f = (a.reshape(1, B * T, *a.shape[2:]) for a in (xs, dt, Bm, Cm))
             parts = [ssd_chunked(x_f[:, s:e], dt_f[:, s:e], A, B_f[:, s:e], C_f[:, s:e], None,
                                  self.chunk_size)[0] for s, e in zip(bounds, bounds[1:])]

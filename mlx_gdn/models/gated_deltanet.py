@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..layers import Attention, GatedDeltaNet, Mamba2, SwiGLU
+from ..layers.documents import Documents
 from .cache import AttentionCache, GatedDeltaNetCache, Mamba2Cache
 
 LAYER_TYPES = ("gdn", "swa", "attn", "mamba2")
@@ -137,9 +138,12 @@ class Backbone(nn.Module):
         self.layers = [Block(args, t) for t in args.layer_types]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
         self.grad_checkpoint = False  # training: recompute each block in the backward
+        self.conv_size = args.conv_size
 
     def __call__(self, input_ids, mask=None, cache=None, segments=None):
         x = self.embeddings(input_ids)
+        if segments is not None:  # what every layer derives from the document ids, once
+            segments = Documents(segments, max_lag=self.conv_size - 1)
         for i, layer in enumerate(self.layers):
             if self.grad_checkpoint and cache is None:
                 x = _checkpointed(layer, x, mask, segments)
