@@ -29,14 +29,16 @@ SCAN_CASES = [
     (2, 1, 2, 64, 128, 64, None, (16, 256)),  # 256 threads per threadgroup: the k sum split 2 ways
     (3, 1, 2, 64, 128, 40, None, (8, 512)),   # split 8 ways, V not a multiple of the tile
     (3, 2, 1, 16, 60, 20, ((0, 2), (2, 3)), (8, 256)),  # 8 splits of a K that 8 does not divide; varlen
+    (2, 1, 2, 64, 128, 40, None, (16, 512, 49152)),  # the CUDA default: 48 KB stages (32 rows, 4 splits)
 ]
 
 
 @pytest.mark.parametrize("N,B,HV,C,K,V,segments,tile", SCAN_CASES)
 def test_scan_kernels_match_ops(emulated, monkeypatch, N, B, HV, C, K, V, segments, tile):
-    tile, threads = tile if isinstance(tile, tuple) else (tile, 128)
+    tile, threads, limit = tile + (32768,) * (3 - len(tile)) if isinstance(tile, tuple) else (tile, 128, 32768)
     monkeypatch.setattr(kernels, "SCAN_TILE", tile)
     monkeypatch.setattr(kernels, "SCAN_THREADS", threads)
+    monkeypatch.setitem(kernels.THREADGROUP_BYTES, "emulated", limit)
     segments = segments or ((0, N),)
     S = len(segments)
     rng = np.random.default_rng(N * K + V)
