@@ -101,12 +101,15 @@ def test_grad_checkpoint_gives_the_same_gradients():
     mx.random.seed(2)
     model = Model(ModelArgs(**PRESETS["tiny-h1"]))
     ids = mx.array(np.random.default_rng(2).integers(0, 500, (2, 41)))
-    args = (ids[:, :-1], ids[:, 1:], mx.ones((2, 40)))
-    plain = dict(tree_flatten(nn.value_and_grad(model, loss_fn)(model, *args)[1]))
-    model.model.grad_checkpoint = True
-    checked = dict(tree_flatten(nn.value_and_grad(model, loss_fn)(model, *args)[1]))
-    for name in plain:
-        np.testing.assert_allclose(np.array(checked[name]), np.array(plain[name]), rtol=1e-5, atol=1e-7)
+    docs = mx.array(np.repeat([[0] * 15 + [1] * 25], 2, axis=0))  # packed rows: two documents each
+    for segments in (None, docs):
+        args = (ids[:, :-1], ids[:, 1:], mx.ones((2, 40)), segments)
+        model.model.grad_checkpoint = False
+        plain = dict(tree_flatten(nn.value_and_grad(model, loss_fn)(model, *args)[1]))
+        model.model.grad_checkpoint = True
+        checked = dict(tree_flatten(nn.value_and_grad(model, loss_fn)(model, *args)[1]))
+        for name in plain:
+            np.testing.assert_allclose(np.array(checked[name]), np.array(plain[name]), rtol=1e-5, atol=1e-7)
 
 
 def test_lora_fused_equals_model_with_adapters(tmp_path):
