@@ -11,7 +11,7 @@ language-reference topics that ship with CPython (pydoc_data.topics), a corpus 1
         python scripts/make_default_model.py --out mlx_gdn/default_model --iters 1600
 (Linux: mlx[cpu] links the reference BLAS, ~6 GFLOP/s on this machine; preloading Debian's OpenBLAS,
 `apt-get install libopenblas0-pthread`, makes its matmuls ~30x faster and training ~10x.)
-Writes the model, its tokenizer, train_log.jsonl, loss.png and SAMPLE.txt (the prompt, then its 40
+Writes the model (bfloat16), its tokenizer, train_log.jsonl, loss.png and SAMPLE.txt (the prompt, then its 40
 greedy tokens; tests/test_default_model.py recomputes them).
 """
 
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import sentencepiece
 
+from mlx_gdn.convert import convert
 from mlx_gdn.generate import generate
 from mlx_gdn.loading import load
 from mlx_gdn.models import PRESETS
@@ -123,8 +124,9 @@ def main():
                       iters=args.iters, lr=args.lr, warmup=100, save_every=100, eval_every=100)
     train(cfg)
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(work / "run" / "model", out)
+    # shipped in bfloat16 (A_log / dt_bias stay float32): half the size (10 MB), the same validation
+    # loss (4.0416 vs 4.0414 in float32); on this CPU prefill is faster, decode ~20% slower
+    convert(work / "run" / "model", out, dtype="bfloat16", force=True)
     shutil.copy(work / "run" / "log.jsonl", out / "train_log.jsonl")
     shutil.copy(work / "run" / "loss.png", out / "loss.png")
     model, tokenizer = load(out)

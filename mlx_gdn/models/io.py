@@ -84,6 +84,9 @@ def write_model_dir(path, config: dict, parts, extra_files=()):
             (tmp / INDEX).write_text(json.dumps({"weight_map": weight_map}, indent=1))
         for f in extra_files:
             shutil.copy(f, tmp / Path(f).name)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's directory is private (0700); the output is not
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
