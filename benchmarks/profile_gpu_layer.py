@@ -23,7 +23,7 @@ def main():
     mx.eval(model.parameters())
     ids = mx.random.randint(0, model.args.vocab_size, (1, T))
     out = {"preset": name, "T": T, "model_ms": time_mlx(lambda: model(ids), repeats=3)}
-    block = model.model.layers[0] if hasattr(model, "model") else model.layers[0]
+    block = model.model.layers[0]
     x = mx.random.normal((1, T, model.args.hidden_size)).astype(mx.bfloat16) * 0.1
     out["gdn_layer_ms"] = time_mlx(lambda: block.attn(x), repeats=5)
     out["mlp_ms"] = time_mlx(lambda: block.mlp(x), repeats=5)

@@ -26,7 +26,6 @@ def shaped_inputs(B, T, H, K, V):
 
 
 def parts(B, T, H, K, V, C=64):
-
     q, k, v, g, beta = (mx.array(x) for x in shaped_inputs(B, T, H, K, V))
     opt = gated_delta._Options(K ** -0.5, True, False, False, False, False, False)
     seqs = [(0, T)]

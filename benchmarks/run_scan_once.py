@@ -20,9 +20,10 @@ def main():
     Kt = mx.random.normal((N * B, H, C, D)) * 0.05
     decay = mx.full((N * B, H, 1, 1), 0.9)
     h0 = mx.zeros((B, H, D, D))
+    QdO = mx.zeros((N * B, H, D, D))  # the reverse scan's per-chunk [K, V] term
     for _ in range(4):
         mx.eval(kernels.scan_forward(W, U, Kt, decay, h0, ((0, N),)))
-        mx.eval(kernels.scan_backward(U, U[:, :, :D], Kt, W, decay, h0, ((0, N),)))
+        mx.eval(kernels.scan_backward(U, QdO, Kt, W, decay, h0, ((0, N),)))
     print("done", kernels.backend())
 
 
