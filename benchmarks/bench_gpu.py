@@ -138,9 +138,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench_gpu.json")
     p.add_argument("--skip-builtin-bwd", action="store_true")
+    p.add_argument("--skip-builtin", action="store_true", help="do not time mx.fast.gated_delta_update")
     p.add_argument("--shapes", default="all", help="'all', 'none' or indices into SHAPES, e.g. 0,1")
     p.add_argument("--scan-config", type=int, nargs=2, metavar=("TILE", "THREADS"),
-                   help="chunk-scan value tile and threads per threadgroup (default: kernels.py's)")
+                   help="SIMT chunk-scan value tile and threads per threadgroup (default: kernels.py's)")
+    p.add_argument("--compare-simt", action="store_true",
+                   help="also time ours with the SIMT scan kernel (chunk_scan.metal) in the same run")
     args = p.parse_args()
     if args.scan_config:
         kernels.SCAN_TILE, kernels.SCAN_THREADS = args.scan_config
@@ -160,12 +163,17 @@ def main():
         data = inputs(B, T, H, D)
         row = {"shape": [B, T, H, D]}
         row["ours_fwd_ms"], row["ours_fwdbwd_ms"] = bench_ours(*data)
+        if args.compare_simt:
+            kernel, kernels.SCAN_KERNEL = kernels.SCAN_KERNEL, "simt"
+            row["ours_simt_fwd_ms"], row["ours_simt_fwdbwd_ms"] = bench_ours(*data)
+            kernels.SCAN_KERNEL = kernel
         print(json.dumps(row), flush=True)
         if fla_ops is not None:
             row["fla_fwd_ms"], row["fla_fwdbwd_ms"] = bench_fla(torch, fla_ops, *data)
             print(json.dumps(row), flush=True)
-        builtin = bench_builtin(*data, backward=not args.skip_builtin_bwd)
-        row.update({f"builtin_{k}": val for k, val in builtin.items()})
+        if not args.skip_builtin:
+            builtin = bench_builtin(*data, backward=not args.skip_builtin_bwd)
+            row.update({f"builtin_{k}": val for k, val in builtin.items()})
         rows.append(row)
         print(json.dumps(row), flush=True)
     # the built-in's forward+backward where it fits in memory, against ours on the same inputs
@@ -173,18 +181,19 @@ def main():
         decode = [guarded(lambda: bench_decode(torch, fla_ops, B)) for B in (1, 16)]
         print(json.dumps(decode))
         return
-    data = inputs(1, 2048, 16, 128)
-    small = {"shape": [1, 2048, 16, 128]}
-    small["ours_fwd_ms"], small["ours_fwdbwd_ms"] = bench_ours(*data)
-    small.update({f"builtin_{k}": val for k, val in
-                  bench_builtin(*data, backward=not args.skip_builtin_bwd).items()})
-    rows.append(small)
-    print(json.dumps(small), flush=True)
+    if not args.skip_builtin:
+        data = inputs(1, 2048, 16, 128)
+        small = {"shape": [1, 2048, 16, 128]}
+        small["ours_fwd_ms"], small["ours_fwdbwd_ms"] = bench_ours(*data)
+        small.update({f"builtin_{k}": val for k, val in
+                      bench_builtin(*data, backward=not args.skip_builtin_bwd).items()})
+        rows.append(small)
+        print(json.dumps(small), flush=True)
     decode = [guarded(lambda: bench_decode(torch, fla_ops, B)) for B in (1, 16)]
     for row in decode:
         print(json.dumps(row), flush=True)
     with open(args.out, "w") as f:
-        json.dump({"device": str(mx.default_device()), "scan_config": [kernels.SCAN_TILE, kernels.SCAN_THREADS],
+        json.dump({"device": str(mx.default_device()), "scan_kernel": kernels.SCAN_KERNEL or "by K",
                    "rows": rows, "decode": decode}, f, indent=1)
 
 

@@ -16,7 +16,9 @@ from bench_gpu import bench_ours, guarded, inputs, time_mlx
 from mlx_gdn.ops import chunk, gated_delta, kernels
 
 
-SCAN_CONFIGS = [(16, 128), (8, 128), (16, 256), (8, 256), (4, 256), (16, 512), (8, 512), (4, 128)]
+# (kernel, value columns, threads)
+SCAN_CONFIGS = [("mma", 16, 256), ("mma", 8, 256), ("mma", 16, 128), ("mma", 32, 256), ("mma", 16, 512),
+                ("mma", 8, 128), ("simt", 16, 512), ("simt", 16, 256), ("simt", 8, 256)]
 
 
 def shaped_inputs(B, T, H, K, V):
@@ -44,17 +46,20 @@ def parts(B, T, H, K, V, C=64):
     h0 = mx.zeros((B, H, K, V))
     QdO = mx.zeros((pc.W.shape[0], H, K, V))
     seg = ((0, T // C),)
-    default = kernels.SCAN_TILE, kernels.SCAN_THREADS
+    default = kernels.SCAN_KERNEL, kernels.SCAN_TILE, kernels.SCAN_THREADS, kernels.MMA_SCAN_THREADS
     both = {}
-    for tile, threads in SCAN_CONFIGS:
-        kernels.SCAN_TILE, kernels.SCAN_THREADS = tile, threads
-        out[f"scan_fwd_{tile}x{threads}_ms"] = time_mlx(
-            lambda: kernels.scan_forward(pc.W, pc.U, pc.Kt, pc.decay, h0, seg))
-        out[f"scan_bwd_{tile}x{threads}_ms"] = time_mlx(lambda: kernels.scan_backward(
-            pc.U, QdO, pc.Kt, pc.W, pc.decay, h0, seg))
-        both[(tile, threads)] = out[f"scan_fwd_{tile}x{threads}_ms"] + out[f"scan_bwd_{tile}x{threads}_ms"]
-    out["best_scan"] = min(both, key=both.get)
-    kernels.SCAN_TILE, kernels.SCAN_THREADS = default
+    for kernel, tile, threads in SCAN_CONFIGS:
+        kernels.SCAN_KERNEL, kernels.SCAN_TILE = kernel, tile
+        kernels.SCAN_THREADS = kernels.MMA_SCAN_THREADS = threads
+        name = f"{kernel}_{tile}x{threads}"
+        out[f"scan_fwd_{name}_ms"] = guarded(lambda: time_mlx(
+            lambda: kernels.scan_forward(pc.W, pc.U, pc.Kt, pc.decay, h0, seg)))
+        out[f"scan_bwd_{name}_ms"] = guarded(lambda: time_mlx(lambda: kernels.scan_backward(
+            pc.U, QdO, pc.Kt, pc.W, pc.decay, h0, seg)))
+        if isinstance(out[f"scan_fwd_{name}_ms"], float) and isinstance(out[f"scan_bwd_{name}_ms"], float):
+            both[name] = out[f"scan_fwd_{name}_ms"] + out[f"scan_bwd_{name}_ms"]
+    out["best_scan"] = min(both, key=both.get) if both else None
+    kernels.SCAN_KERNEL, kernels.SCAN_TILE, kernels.SCAN_THREADS, kernels.MMA_SCAN_THREADS = default
     states, u, _ = kernels.scan_forward(pc.W, pc.U, pc.Kt, pc.decay, h0, seg)
     mx.eval(states, u)
     out["output_ms"] = time_mlx(lambda: (cq * pc.eg) @ states + pc.P @ u)

@@ -1,7 +1,9 @@
 """Runs the chunk-scan kernels alone a few times at one shape, for a profiler (run on the device):
 
     ncu --kernel-name regex:scan --launch-skip 2 --launch-count 1 --set full \\
-        python3 benchmarks/run_scan_once.py [B T H D]
+        python3 benchmarks/run_scan_once.py [B T H D [KERNEL THREADS]]
+
+KERNEL: mma (chunk_scan_mma.metal) or simt (chunk_scan.metal).
 """
 
 import sys
@@ -13,6 +15,9 @@ from mlx_gdn.ops import kernels
 
 def main():
     B, T, H, D = (int(x) for x in sys.argv[1:5]) if len(sys.argv) > 4 else (1, 8192, 16, 128)
+    if len(sys.argv) > 6:
+        kernels.SCAN_KERNEL = sys.argv[5]
+        kernels.SCAN_THREADS = kernels.MMA_SCAN_THREADS = int(sys.argv[6])
     C, N = 64, T // 64
     mx.random.seed(0)
     W = mx.random.normal((N * B, H, C, D)) * 0.05

@@ -4,5 +4,10 @@
 //   (uint3), thread_index_in_simdgroup, simdgroup_index_in_threadgroup (uint);
 //   `threadgroup T name[N];` declarations; threadgroup_barrier(mem_flags::mem_threadgroup);
 //   simd_sum(float), called by all 32 lanes of a SIMD group; exp, log, rsqrt on float;
-//   static_cast between float and the input type (float, bfloat16_t, half); int/uint arithmetic.
-// Metal has all of these natively, so nothing needs defining here.
+//   static_cast between float and the input type (float, bfloat16_t, half); int/uint arithmetic;
+//   simdgroup_float8x8 with make_filled_simdgroup_matrix<float, 8, 8>(v),
+//   simdgroup_load(m, threadgroup pointer, row stride), simdgroup_store(m, pointer, row stride) and
+//   simdgroup_multiply_accumulate(d, a, b, c), called by all 32 lanes; a product may be accumulated
+//   into but is stored and loaded again before it is used as a factor.
+// Metal has all of these natively; only the SIMD-group matrix header needs including.
+#include <metal_simdgroup_matrix>

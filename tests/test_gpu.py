@@ -16,6 +16,7 @@ import pytest
 
 from mlx_gdn.ops import gated_delta_rule, kernels  # noqa: E402
 from reference import assert_close, gated_delta_reference, make_inputs, rms_rel
+from scan_check import check_scans
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(kernels.backend() not in ("metal", "cuda"),
@@ -38,6 +39,44 @@ def test_chunk_with_kernels_matches_oracle(B, T, H, HV, D, cu):
     o, s = gated_delta_rule(**to_mx(data), output_final_state=True, mode="chunk",
                             cu_seqlens=None if cu is None else mx.array(cu))
     assert rms_rel(ro, np.array(o)) <= FP32_TOL and rms_rel(rs, np.array(s)) <= FP32_TOL
+
+
+@pytest.mark.parametrize("scan", ["mma", "simt"])
+@pytest.mark.parametrize("N,HV,K,V,segments", [(40, 4, 128, 128, None), (12, 3, 200, 400, None),
+                                               (9, 2, 100, 60, ((0, 3), (3, 9)))])
+def test_scan_kernels_match_ops_scans(monkeypatch, scan, N, HV, K, V, segments):
+    monkeypatch.setattr(kernels, "SCAN_KERNEL", scan)
+    check_scans(N, 1, HV, 64, K, V, segments, FP32_TOL)
+
+
+def test_simdgroup_matrix_prelude():
+    # the 8x8 products of the prelude (FP64 tensor cores on CUDA) from padded threadgroup rows
+    body = """
+    threadgroup float a_s[8 * 12];
+    threadgroup float b_s[8 * 24];
+    const uint tid = thread_position_in_threadgroup.x;
+    for (uint e = tid; e < 64; e += 32) { a_s[e / 8 * 12 + e % 8] = x[e]; b_s[e / 8 * 24 + e % 8] = y[e]; }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    simdgroup_float8x8 a, b, c;
+    simdgroup_load(a, &a_s[0], 12);
+    simdgroup_load(b, &b_s[0], 24);
+    simdgroup_load(c, &b_s[0], 24);
+    simdgroup_multiply_accumulate(c, a, b, c);
+    simdgroup_multiply_accumulate(c, a, b, c);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    simdgroup_store(c, &b_s[0], 24);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint e = tid; e < 64; e += 32) { out[e] = b_s[e / 8 * 24 + e % 8]; }
+    """
+    import metal_kernels
+    factory = mx.fast.cuda_kernel if kernels.backend() == "cuda" else mx.fast.metal_kernel
+    kern = factory(name="simdgroup_probe", input_names=["x", "y"], output_names=["out"], source=body,
+                   header=metal_kernels.prelude(kernels.backend()))
+    rng = np.random.default_rng(0)
+    x, y = (rng.standard_normal((8, 8)).astype(np.float32) for _ in range(2))
+    out = kern(inputs=[mx.array(x), mx.array(y)], output_shapes=[(8, 8)], output_dtypes=[mx.float32],
+               grid=(32, 1, 1), threadgroup=(32, 1, 1))[0]
+    np.testing.assert_allclose(np.array(out), y + 2 * (x.astype(np.float64) @ y), rtol=1e-5, atol=1e-5)
 
 
 def grads(data, dtype=mx.float32, **kw):

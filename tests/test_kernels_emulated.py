@@ -9,6 +9,7 @@ import metal_kernels
 from emulator import EmulatedKernel, executed
 from mlx_gdn.ops import chunk, gated_delta_rule, kernels
 from reference import assert_close, gated_delta_reference, make_inputs, rms_rel
+from scan_check import check_scans
 
 FP32_TOL = 1e-5
 
@@ -32,30 +33,37 @@ SCAN_CASES = [
     (2, 1, 2, 64, 128, 40, None, (16, 512, 49152)),  # the CUDA default: 48 KB stages (32 rows, 4 splits)
 ]
 
+MMA_SCAN_CASES = [
+    # N, B, HV, C, K, V, segments, (value tile, threads, threadgroup bytes, padded strides)
+    (3, 2, 2, 16, 32, 32, None, (16, 256, 32768, False)),   # 4 tiles of A h, its k sum split 4 ways
+    (4, 1, 3, 16, 60, 100, None, (16, 128, 32768, False)),  # K not a multiple of 8, V of the tile
+    (5, 1, 2, 32, 64, 48, ((0, 1), (1, 4), (4, 5)), (16, 256, 32768, True)),  # varlen
+    (2, 1, 1, 64, 128, 40, None, (32, 256, 32768, False)),  # 4 stages of 16 rows (Metal's 32 KB)
+    (2, 1, 2, 64, 128, 40, None, (16, 256, 49152, True)),   # the CUDA default: 2 stages, padded
+    (2, 1, 1, 64, 200, 24, None, (16, 256, 49152, True)),   # the 1.3B head size: 4 stages
+    (3, 2, 1, 16, 100, 20, ((0, 2), (2, 3)), (8, 64, 49152, True)),  # two SIMD groups, 7 tiles each
+]
+
 
 @pytest.mark.parametrize("N,B,HV,C,K,V,segments,tile", SCAN_CASES)
 def test_scan_kernels_match_ops(emulated, monkeypatch, N, B, HV, C, K, V, segments, tile):
     tile, threads, limit = tile + (32768,) * (3 - len(tile)) if isinstance(tile, tuple) else (tile, 128, 32768)
+    monkeypatch.setattr(kernels, "SCAN_KERNEL", "simt")
     monkeypatch.setattr(kernels, "SCAN_TILE", tile)
     monkeypatch.setattr(kernels, "SCAN_THREADS", threads)
     monkeypatch.setitem(kernels.THREADGROUP_BYTES, "emulated", limit)
-    segments = segments or ((0, N),)
-    S = len(segments)
-    rng = np.random.default_rng(N * K + V)
-    r = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32))
-    W, U, Kt = r(N * B, HV, C, K) * 0.1, r(N * B, HV, C, V), r(N * B, HV, C, K) * 0.1
-    decay = mx.array(rng.uniform(0.5, 1.0, (N * B, HV, 1, 1)).astype(np.float32))
-    h0 = r(S * B, HV, K, V)
-    ref = chunk._scan_forward(W, U, Kt, decay, h0, segments)
-    got = kernels.scan_forward(W, U, Kt, decay, h0, segments)
-    for name, a, b in zip(("states", "v_new", "h_final"), ref, got):
-        assert rms_rel(np.array(a), np.array(b)) <= FP32_TOL, name
+    check_scans(N, B, HV, C, K, V, segments)
 
-    PdO, QdO, dhT = r(N * B, HV, C, V), r(N * B, HV, K, V), r(S * B, HV, K, V)
-    ref = chunk._scan_backward(PdO, QdO, Kt, W, decay, dhT, segments)
-    got = kernels.scan_backward(PdO, QdO, Kt, W, decay, dhT, segments)
-    for name, a, b in zip(("du", "dh_next", "dh0"), ref, got):
-        assert rms_rel(np.array(a), np.array(b)) <= FP32_TOL, name
+
+@pytest.mark.parametrize("N,B,HV,C,K,V,segments,config", MMA_SCAN_CASES)
+def test_mma_scan_kernels_match_ops(emulated, monkeypatch, N, B, HV, C, K, V, segments, config):
+    tile, threads, limit, padded = config
+    monkeypatch.setattr(kernels, "SCAN_KERNEL", "mma")
+    monkeypatch.setattr(kernels, "SCAN_TILE", tile)
+    monkeypatch.setattr(kernels, "MMA_SCAN_THREADS", threads)
+    monkeypatch.setitem(kernels.THREADGROUP_BYTES, "emulated", limit)
+    monkeypatch.setitem(kernels.PADDED_STRIDES, "emulated", padded)
+    check_scans(N, B, HV, C, K, V, segments)
 
 
 @pytest.mark.parametrize("C", [16, 64])
@@ -188,6 +196,25 @@ def test_emulator_reports_barrier_divergence():
     with pytest.raises(RuntimeError, match="divergence"):
         kern(inputs=[mx.zeros((1,))], output_shapes=[(1,)], output_dtypes=[mx.float32],
              grid=(2, 1, 1), threadgroup=(2, 1, 1))
+
+
+def test_emulator_rejects_a_product_as_a_factor():
+    # the CUDA prelude keeps a product only as an accumulator: it must be stored and loaded first
+    body = """
+    threadgroup float m[64];
+    m[thread_position_in_threadgroup.x] = 1.0f;
+    m[thread_position_in_threadgroup.x + 32] = 1.0f;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    simdgroup_float8x8 a, p = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    simdgroup_load(a, &m[0], 8);
+    simdgroup_multiply_accumulate(p, a, a, p);
+    simdgroup_multiply_accumulate(p, p, a, p);
+    simdgroup_store(p, &out[0], 8);
+    """
+    kern = EmulatedKernel("product_probe", ["x"], ["out"], body)
+    with pytest.raises(RuntimeError, match="product used as a factor"):
+        kern(inputs=[mx.zeros((1,))], output_shapes=[(64,)], output_dtypes=[mx.float32],
+             grid=(32, 1, 1), threadgroup=(32, 1, 1))
 
 
 def test_every_kernel_file_was_executed():

@@ -91,6 +91,34 @@ def invert_unit_lower(A):
     return mx.concatenate([top, mx.concatenate([t21, t22], axis=-1)], axis=-2)
 
 
+def _fused(fn):
+    """fn under mx.compile on a GPU, where fusing its element-wise chains saves launches and memory
+    traffic (MLX_GDN_COMPILE=0 turns it off); as is on the CPU path."""
+    if not COMPILE or kernels.backend() not in ("metal", "cuda"):
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = mx.compile(fn)
+    return _compiled[fn]
+
+
+COMPILE = os.environ.get("MLX_GDN_COMPILE", "1") != "0"
+_compiled = {}
+
+
+def _pieces_before_inverse(q, k, g, beta, incl, strict):
+    gamma = mx.cumsum(g, axis=-2)  # [..., C, 1]
+    Gam = _decay_matrix(gamma, incl)
+    glast = gamma[..., -1:, :]
+    KKG = mx.where(strict, _mm_nt(k, k) * Gam, 0.0)
+    P = mx.where(incl, _mm_nt(q, k) * Gam, 0.0)
+    # e^gamma, decay to the chunk's end, decay across the whole chunk [..., 1, 1]
+    return Gam, mx.exp(gamma), mx.exp(glast - gamma), mx.exp(glast), KKG, KKG * beta, P
+
+
+def _pieces_after_inverse(Tinv, k, v, beta, eg, tail):
+    return Tinv @ (k * (beta * eg)), Tinv @ (v * beta), k * tail
+
+
 class _ChunkPieces:
     """The per-chunk quantities both passes derive from q, k, v, g, beta (cheap to recompute).
 
@@ -101,20 +129,11 @@ class _ChunkPieces:
     def __init__(self, q, k, v, g, beta):
         C = q.shape[-2]
         self.incl, self.strict = _masks(C)
-        self.gamma = mx.cumsum(g, axis=-2)  # [..., C, 1]
-        self.Gam = _decay_matrix(self.gamma, self.incl)
-        self.eg = mx.exp(self.gamma)
-        glast = self.gamma[..., -1:, :]
-        self.tail = mx.exp(glast - self.gamma)  # decay from each token to the chunk's end
-        self.decay = mx.exp(glast)  # [..., 1, 1]: decay across the whole chunk
-        self.KKG = mx.where(self.strict, _mm_nt(k, k) * self.Gam, 0.0)
-        self.A = self.KKG * beta
-        self.P = mx.where(self.incl, _mm_nt(q, k) * self.Gam, 0.0)
+        self.Gam, self.eg, self.tail, self.decay, self.KKG, self.A, self.P = _fused(_pieces_before_inverse)(
+            q, k, g, beta, self.incl, self.strict)
         self.Tinv = (invert_unit_lower(self.A) if kernels.backend() == "ops"
                      else kernels.unit_lower_inverse(self.A))
-        self.W = self.Tinv @ (k * (beta * self.eg))
-        self.U = self.Tinv @ (v * beta)
-        self.Kt = k * self.tail
+        self.W, self.U, self.Kt = _fused(_pieces_after_inverse)(self.Tinv, k, v, beta, self.eg, self.tail)
 
 
 def _scan_forward(W, U, Kt, decay, h0, segments):
@@ -159,50 +178,66 @@ def _forward_block(q, k, v, g, beta, h0, segments):
     pc = _ChunkPieces(q, k, v, g, beta)
     scan = _scan_forward if kernels.backend() == "ops" else kernels.scan_forward
     states, u, hT = scan(pc.W, pc.U, pc.Kt, pc.decay, h0, segments)
-    o = (q * pc.eg) @ states + pc.P @ u
+    o = _fused(_output)(q, pc.eg, states, pc.P, u)
     return o, hT, states, u
+
+
+def _output(q, eg, states, P, u):
+    return (q * eg) @ states + P @ u
 
 
 def _backward_block(q, k, v, g, beta, do, dhT, states, u, segments):
     """One block of chunks: gradients (dq, dk, dv, dg, dbeta, dh0) of _forward_block's (o, hT)."""
     pc = _ChunkPieces(q, k, v, g, beta)
-    Qg = q * pc.eg
     scan = _scan_backward if kernels.backend() == "ops" else kernels.scan_backward
-    du, dh_next, dh0 = scan(_t(pc.P) @ do, _t(Qg) @ do, pc.Kt, pc.W, pc.decay, dhT, segments)
+    Qg, PdO, QdO = _fused(_scan_backward_inputs)(q, pc.eg, pc.P, do)
+    du, dh_next, dh0 = scan(PdO, QdO, pc.Kt, pc.W, pc.decay, dhT, segments)
+    return tuple(_fused(_backward_after_scan)(
+        q, k, v, beta, do, states, u, du, dh_next, Qg, pc.incl, pc.strict, pc.Gam, pc.eg, pc.tail,
+        pc.decay, pc.KKG, pc.A, pc.P, pc.Tinv, pc.W, pc.U, pc.Kt)) + (dh0,)
 
+
+def _scan_backward_inputs(q, eg, P, do):
+    Qg = q * eg
+    return Qg, _t(P) @ do, _t(Qg) @ do
+
+
+def _backward_after_scan(q, k, v, beta, do, states, u, du, dh_next, Qg, incl, strict, Gam, eg, tail,
+                         decay, KKG, A, P, Tinv, W, U, Kt):
+    """(dq, dk, dv, dg, dbeta) from the reverse scan's du and dh_next and the chunk pieces."""
     # through u = U - W h and the state update h' = decay h + Kt^T u
     dW = -_mm_nt(du, states)
     dKt = _mm_nt(u, dh_next)
     dQg = _mm_nt(do, states)
-    dP = mx.where(pc.incl, _mm_nt(do, u), 0.0)
+    dP = mx.where(incl, _mm_nt(do, u), 0.0)
     # through W = Tinv Kb, U = Tinv Vb, Tinv = (I + A)^-1:  dA = -Tinv^T (dW Kb^T + dU Vb^T) Tinv^T
     # = -(dKb W^T + dVb U^T), with dKb = Tinv^T dW and dVb = Tinv^T dU.
-    dKb = _t(pc.Tinv) @ dW
-    dVb = _t(pc.Tinv) @ du
-    dA = mx.where(pc.strict, -(_mm_nt(dKb, pc.W) + _mm_nt(dVb, pc.U)), 0.0)
+    dKb = _t(Tinv) @ dW
+    dVb = _t(Tinv) @ du
+    dA = mx.where(strict, -(_mm_nt(dKb, W) + _mm_nt(dVb, U)), 0.0)
 
-    dPG = dP * pc.Gam  # cotangent of Q K^T
-    dKK = dA * pc.Gam * beta  # cotangent of K K^T (strict lower)
-    dq = dQg * pc.eg + dPG @ k
-    dk = _t(dPG) @ q + dKt * pc.tail + dKb * (beta * pc.eg) + (dKK + _t(dKK)) @ k
+    dPG = dP * Gam  # cotangent of Q K^T
+    dKK = dA * Gam * beta  # cotangent of K K^T (strict lower)
+    dq = dQg * eg + dPG @ k
+    dk = _t(dPG) @ q + dKt * tail + dKb * (beta * eg) + (dKK + _t(dKK)) @ k
     dv = dVb * beta
 
     dKb_k = mx.sum(dKb * k, axis=-1, keepdims=True)  # cotangent of beta * e^gamma
-    dbeta = (mx.sum(dVb * v, axis=-1, keepdims=True) + pc.eg * dKb_k
-             + mx.sum(dA * pc.KKG, axis=-1, keepdims=True))
+    dbeta = (mx.sum(dVb * v, axis=-1, keepdims=True) + eg * dKb_k
+             + mx.sum(dA * KKG, axis=-1, keepdims=True))
 
     # dg_t = sum_{s >= t} dgamma_s (gamma = cumsum(g) within the chunk). gamma enters through e^gamma
     # (Qg, Kb), the chunk decay, and differences gamma_i - gamma_j (Gam in P and A, the tail decay in
     # Kt). A difference term's suffix sum is a block sum with i >= t > j: summed in that form, not as
     # rowsum - colsum, so nothing cancels in float32.
-    zKt = mx.sum(dKt * pc.Kt, axis=-1, keepdims=True)
-    dgamma = mx.sum(dQg * Qg, axis=-1, keepdims=True) + beta * pc.eg * dKb_k
-    dchunk = pc.decay * mx.sum(states * dh_next, axis=(-2, -1), keepdims=True)
-    rows_below = mx.cumsum(dP * pc.P + dA * pc.A, axis=-2, reverse=True)  # [t, j] = sum_{i >= t}
+    zKt = mx.sum(dKt * Kt, axis=-1, keepdims=True)
+    dgamma = mx.sum(dQg * Qg, axis=-1, keepdims=True) + beta * eg * dKb_k
+    dchunk = decay * mx.sum(states * dh_next, axis=(-2, -1), keepdims=True)
+    rows_below = mx.cumsum(dP * P + dA * A, axis=-2, reverse=True)  # [t, j] = sum_{i >= t}
     dg = (mx.cumsum(dgamma, axis=-2, reverse=True) + dchunk
-          + mx.sum(mx.where(pc.strict, rows_below, 0.0), axis=-1, keepdims=True)
+          + mx.sum(mx.where(strict, rows_below, 0.0), axis=-1, keepdims=True)
           + mx.cumsum(zKt, axis=-2) - zKt)
-    return dq, dk, dv, dg, dbeta, dh0
+    return dq, dk, dv, dg, dbeta
 
 
 _cpu_streams = []

@@ -17,6 +17,8 @@ SPECS = {
                     ["o", "state_out"]),
     "chunk_scan": (["A", "X", "Bm", "Y", "decay", "h_in", "seg_start", "seg_end"],
                    ["states", "x_new", "h_out"]),
+    "chunk_scan_mma": (["A", "X", "Bm", "Y", "decay", "h_in", "seg_start", "seg_end"],
+                       ["states", "x_new", "h_out"]),
     "unit_lower_inverse": (["A"], ["T"]),
 }
 TG_COLUMNS = 4  # decode: value columns (SIMD groups) per threadgroup
@@ -26,6 +28,14 @@ TG_COLUMNS = 4  # decode: value columns (SIMD groups) per threadgroup
 SCAN_TILE = 16
 SCAN_THREADS = None
 THREADGROUP_BYTES = {"metal": 32768, "cuda": 49152}  # Metal's limit; CUDA's for static shared memory
+# The scan kernel: "mma" (chunk_scan_mma.metal, SIMD-group 8x8 matrices), "simt" (chunk_scan.metal),
+# or None: mma up to MMA_SCAN_MAX_K state rows, simt above. H100, scan alone, forward / reverse ms:
+# K = 128 mma 1.14 / 1.39 (512 threads) vs simt 1.83 / 1.80; K = 200 (V = 400) mma 3.84 / 5.08 (its
+# best, 128 threads; 512 do not launch: registers) vs simt 2.92 / 2.98.
+SCAN_KERNEL = None
+MMA_SCAN_MAX_K = 128
+MMA_SCAN_THREADS = 512
+PADDED_STRIDES = {"cuda": True}  # threadgroup arrays padded against CUDA's shared-memory bank conflicts
 
 _override = None  # (backend name, factory) while use_factory is active
 _compiled = {}
@@ -100,6 +110,24 @@ def _scan_tiles(K, C, threads, limit):
         tile //= 2
 
 
+def _mma_scan_config(K, C, threads, limit, padded):
+    """chunk_scan_mma.metal's value columns, staged rows and template values (k splits, row strides):
+    the widest tile, then the most rows a stage, that fit `limit` bytes. Padded strides put the lanes
+    of a CUDA fragment load in distinct shared-memory banks."""
+    k8 = -(-K // 8) * 8
+    for tile in (SCAN_TILE, 8):
+        hst = tile + (8 if tile % 32 in (0, 16) else 16) if padded else tile
+        rows = C
+        while rows >= 8:
+            ast, bst = (k8 + 4, rows + 4) if padded else (k8, rows)
+            splits = max(1, threads // 32 // (rows // 8))  # of the k sum of A h: every SIMD group works
+            floats = max(rows * ast, k8 * bst) + (k8 + C + splits * rows) * hst
+            if 4 * floats <= limit:
+                return tile, rows, (("KS", splits), ("AST", ast), ("BST", bst), ("HST", hst))
+            rows //= 2
+    raise ValueError(f"chunk_scan_mma: K = {K} does not fit {limit} bytes of threadgroup memory")
+
+
 def _scan(A, X, Bm, Y, decay, h_in, segments, reverse):
     """The chunk_scan kernel on chunk-major arrays [N * B, HV, ...]; returns (states, x_new, h_out)."""
     NB, HV, C, K = A.shape
@@ -108,14 +136,19 @@ def _scan(A, X, Bm, Y, decay, h_in, segments, reverse):
     B = h_in.shape[0] // S
     N, R = NB // B, B * HV
     # more staged rows a step where the runner allows (fewer barriers); the emulator keeps Metal's limit
-    threads = SCAN_THREADS or (512 if K <= 128 else 256)
-    tile, rows = _scan_tiles(K, C, threads, THREADGROUP_BYTES.get(backend(), THREADGROUP_BYTES["metal"]))
+    limit = THREADGROUP_BYTES.get(backend(), THREADGROUP_BYTES["metal"])
+    if (SCAN_KERNEL or ("mma" if K <= MMA_SCAN_MAX_K else "simt")) == "mma":
+        name, threads = "chunk_scan_mma", MMA_SCAN_THREADS
+        tile, rows, extra = _mma_scan_config(K, C, threads, limit, PADDED_STRIDES.get(backend(), False))
+    else:
+        name, threads, extra = "chunk_scan", SCAN_THREADS or (512 if K <= 128 else 256), ()
+        tile, rows = _scan_tiles(K, C, threads, limit)
     has_y = Y is not None
-    states, x_new, h_out = get_kernel("chunk_scan")(
+    states, x_new, h_out = get_kernel(name)(
         inputs=[A, X, Bm, Y if has_y else mx.zeros((1,)), decay.reshape(N, R), h_in,
                 *_scan_flags(segments, N, reverse)],
         template=[("K", K), ("V", V), ("C", C), ("N", N), ("R", R), ("THREADS", threads), ("BV", tile), ("CB", rows),
-                  ("REVERSE", reverse), ("HAS_Y", has_y)],
+                  ("REVERSE", reverse), ("HAS_Y", has_y), *extra],
         grid=(threads, -(-V // tile), R), threadgroup=(threads, 1, 1),
         output_shapes=[(N, R, K, V), (N, R, C, V), (S * R, K, V)],
         output_dtypes=[mx.float32] * 3)

@@ -6,6 +6,9 @@
 //                          exited while others wait is an error ("barrier divergence").
 //   simd_sum             - waits until every lane of its SIMD group (32 consecutive thread indices)
 //                          arrives, then all get the sum. Exited lanes are an error.
+//   simdgroup_multiply_accumulate - the same wait (all 32 lanes take part), then each lane computes
+//                          the whole 8x8 product in float; each lane holds whole matrices, and
+//                          simdgroup_store writes only the lane's two elements (as the GPUs).
 // Scheduling is deterministic: fiber 0 runs up to its next barrier before fiber 1 starts, so a read
 // of threadgroup memory that lacks a barrier sees stale data every time, not now and then.
 // `threadgroup` variables are function statics: threadgroups run one after another, so each sees
@@ -93,12 +96,61 @@ inline void threadgroup_barrier(int) {
   emu::yield_to_scheduler();
 }
 
+namespace emu {
+// An error found inside the body (misuse of a built-in): the launch reports it when it ends.
+inline void fail(const char* message) {
+  if (launch_state()->error.empty()) launch_state()->error = message;
+}
+}  // namespace emu
+
 inline float simd_sum(float x) {
   emu::Fiber* f = emu::launch_state()->current;
   f->simd_value = x;
   f->state = emu::AT_SIMD;
   emu::yield_to_scheduler();
   return f->simd_value;
+}
+
+// SIMD-group 8x8 float matrices. `product` marks the result of a multiply: the CUDA prelude holds a
+// product only in the accumulator role, so using one as a factor is reported as an error.
+struct simdgroup_float8x8 {
+  float e[64];
+  bool product = false;
+};
+
+template <typename T, int Cols, int Rows>
+inline simdgroup_float8x8 make_filled_simdgroup_matrix(T value) {
+  simdgroup_float8x8 m;
+  for (float& x : m.e) x = value;
+  return m;
+}
+
+inline void simdgroup_load(simdgroup_float8x8& m, const float* src, unsigned long stride) {
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) m.e[i * 8 + j] = src[i * stride + j];
+  m.product = false;
+}
+
+inline void simdgroup_store(const simdgroup_float8x8& m, float* dst, unsigned long stride) {
+  const uint lane = emu::launch_state()->current->index % 32u, row = lane / 4, col = 2 * (lane % 4);
+  dst[row * stride + col] = m.e[row * 8 + col];
+  dst[row * stride + col + 1] = m.e[row * 8 + col + 1];
+}
+
+inline void simdgroup_multiply_accumulate(simdgroup_float8x8& d, const simdgroup_float8x8& a,
+                                          const simdgroup_float8x8& b,
+                                          const simdgroup_float8x8& c) {
+  if (a.product || b.product) emu::fail("a SIMD-group product used as a factor (store and load it first)");
+  simd_sum(0.0f);  // every lane of the SIMD group must take part
+  simdgroup_float8x8 r;
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) {
+      float acc = c.e[i * 8 + j];
+      for (int k = 0; k < 8; ++k) acc = std::fma(a.e[i * 8 + k], b.e[k * 8 + j], acc);
+      r.e[i * 8 + j] = acc;
+    }
+  r.product = true;
+  d = r;
 }
 
 // The per-thread built-ins, read from the current fiber.
@@ -214,7 +266,7 @@ inline int run_grid(Body body, const int* dims, char* err, int err_len) {
           makecontext(&f.ctx, fiber_entry, 0);
         }
         size_t alive = n;
-        while (alive) {
+        while (alive && l.error.empty()) {
           for (auto& f : l.fibers) {
             if (f.state != RUNNABLE) continue;
             l.current = &f;
@@ -222,7 +274,7 @@ inline int run_grid(Body body, const int* dims, char* err, int err_len) {
           }
           alive = 0;
           for (auto& f : l.fibers) alive += f.state != DONE;
-          if (alive && !release(l)) {
+          if (!l.error.empty() || (alive && !release(l))) {
             std::snprintf(err, err_len, "threadgroup (%u, %u, %u): %s", gx, gy, gz,
                           l.error.c_str());
             launch_state() = nullptr;

@@ -1,0 +1,226 @@
+// Chunk scan on SIMD-group 8x8 matrices: the sequential part of the chunked gated delta rule, forward
+// or (REVERSE) backward.
+//   forward:  u_n = X_n - A_n h_n;   h_{n+1} = decay_n h_n + B_n^T u_n         (A = W, B = Kt, X = U)
+//   backward: du_n = X_n + A_n dh;   dh_n = decay_n dh + Y_n - B_n^T du_n   (A = Kt, B = W, X = PdO, Y = QdO)
+// i.e. x = X + s A h and h' = decay h + Y - s B^T x with s = -1 forward, +1 backward; the scan runs
+// over chunks in order (REVERSE: from the last), restarting from h_in where seg_start[n] >= 0 and
+// writing h_out where seg_end[n] >= 0 (flags already in scan order).
+//
+// Grid (THREADS, ceil(V / BV), R), threadgroup (THREADS, 1, 1): one threadgroup per (row r = b * HV +
+// head, tile of BV value columns). The K x BV state tile lives in threadgroup memory (h_s, rows padded
+// to a multiple of 8 with zeros). Per chunk, CB chunk rows at a time ("stages"):
+//   1. x = X + s A h: each SIMD group multiplies an 8-row block of A (staged) by all VB column blocks
+//      of h (each A tile loaded once for VB products); the k sum is split KS ways so that every SIMD
+//      group works, and the partial sums meet in threadgroup memory (p_s), where X is added and x
+//      written out.
+//   2. h' = decay h + Y - s B^T x: each SIMD group owns TPW 8x8 tiles of h, accumulated across the
+//      stages in registers (B staged transposed) and stored back after the last stage.
+// The next stage's rows of A or B (and X) are loaded into registers while the current one computes:
+// they do not depend on h, so the global-memory latency stays off the sequential path.
+// Template: K, V, C, N (chunks), R, THREADS (a multiple of 32), BV (a multiple of 8), CB (rows per
+// stage, a multiple of 8 dividing C), KS, REVERSE, HAS_Y, and the row strides of the threadgroup arrays
+// (padded on CUDA against bank conflicts): AST (staged A, >= K rounded up to 8), BST (staged B^T,
+// >= CB), HST (h_s, x_s, p_s, >= BV).
+// Inputs: A, Bm [N,R,C,K]; X [N,R,C,V]; Y [N,R,K,V] (read only if HAS_Y); decay [N,R];
+// h_in [S*R,K,V]; seg_start, seg_end [N] int32.
+// Outputs: states [N,R,K,V] (the state entering chunk n, in scan order); x_new [N,R,C,V];
+// h_out [S*R,K,V].
+constexpr int SG = THREADS / 32;                   // SIMD groups
+constexpr int KB = (K + 7) / 8;                    // 8-row blocks of the state
+constexpr int VB = BV / 8;
+constexpr int STAGES = C / CB;
+constexpr int KSPAN = (KB + KS - 1) / KS;          // k blocks per split of A h
+constexpr int IPS = (CB / 8 * KS + SG - 1) / SG;   // (row block, split) items per SIMD group
+constexpr int T2 = KB * VB;                        // 8x8 tiles of the state
+constexpr int TPS = (T2 + SG - 1) / SG;            // state tiles per SIMD group
+constexpr int LPT = (CB * KB * 8 + THREADS - 1) / THREADS;  // staged elements per thread
+constexpr int XPT = (CB * BV + THREADS - 1) / THREADS;      // X elements per thread and stage
+constexpr int HPT = (K * BV + THREADS - 1) / THREADS;       // state elements per thread
+constexpr int MS = CB * AST > KB * 8 * BST ? CB * AST : KB * 8 * BST;
+constexpr float SIGN = REVERSE ? 1.0f : -1.0f;
+threadgroup float m_s[MS];                         // the staged rows of A, or of B transposed
+threadgroup float h_s[KB * 8 * HST];
+threadgroup float x_s[C * HST];                    // -s x: the update adds B^T x_s
+threadgroup float p_s[KS * CB * HST];
+const uint tid = thread_position_in_threadgroup.x;
+const int sg = (int)simdgroup_index_in_threadgroup;
+const uint r = threadgroup_position_in_grid.z;
+const int vt = (int)threadgroup_position_in_grid.y * BV;  // first value column of the tile
+for (int e = (int)tid; e < KB * 8 * HST; e += THREADS) {
+  h_s[e] = 0.0f;  // rows from K to the multiple of 8 stay zero
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);
+float staged[LPT];  // the next stage's elements of A or B (zero in the padding from K up)
+float xs[XPT], xs_next[XPT];
+simdgroup_float8x8 acc[TPS];
+const int total = N * 2 * STAGES;
+// it = -1 only fetches the first stage; stage s of chunk step: s < STAGES stages A, else B
+for (int it = -1; it < total; ++it) {
+  const int step = it < 0 ? 0 : it / (2 * STAGES);
+  const int s = it < 0 ? 0 : it % (2 * STAGES);
+  const int n = REVERSE ? N - 1 - step : step;
+  const uint nr = n * R + r;
+  if (it >= 0) {
+    if (s == 0) {
+      // the chunk's entering state: restarted from h_in, written to states (same element per thread
+      // in every pass over h_s, so these passes need no barrier between them)
+      for (int p = 0; p < HPT; ++p) {
+        const int e = (int)tid + THREADS * p;
+        const int k = e / BV, v = vt + e % BV;
+        if (e < K * BV) {
+          if (seg_start[n] >= 0) {
+            h_s[k * HST + e % BV] = v < V ? h_in[((seg_start[n] * R + r) * K + k) * V + v] : 0.0f;
+          }
+          if (v < V) {
+            states[(nr * K + k) * V + v] = h_s[k * HST + e % BV];
+          }
+        }
+      }
+    }
+    // stage elements e < CB * KB * 8: A row-major, (row e / (8 KB), column e % (8 KB)); B transposed,
+    // a SIMD group's 32 consecutive elements 4 rows x 8 columns (no bank conflicts on CUDA)
+    if (s < STAGES) {
+      for (int p = 0; p < LPT; ++p) {
+        const int e = (int)tid + THREADS * p;
+        if (e < CB * KB * 8) {
+          m_s[e / (KB * 8) * AST + e % (KB * 8)] = staged[p];
+        }
+      }
+    } else {
+      for (int p = 0; p < LPT; ++p) {
+        const int e = (int)tid + THREADS * p;
+        const int blk = e / 32, w = e % 32;
+        if (e < CB * KB * 8) {
+          m_s[(blk % KB * 8 + w % 8) * BST + blk / KB * 4 + w / 8] = staged[p];
+        }
+      }
+    }
+    for (int p = 0; p < XPT; ++p) {
+      xs[p] = xs_next[p];
+    }
+  }
+  {  // fetch the next stage (and its X)
+    const int it2 = it + 1;
+    const int s2 = it2 % (2 * STAGES);
+    const int n2 = REVERSE ? N - 1 - it2 / (2 * STAGES) : it2 / (2 * STAGES);
+    if (it2 < total) {
+      const int c0 = (s2 % STAGES) * CB;
+      const uint base = ((uint)(n2 * R + r) * C + c0) * K;
+      if (s2 < STAGES) {
+        for (int p = 0; p < LPT; ++p) {
+          const int e = (int)tid + THREADS * p;
+          const int c = e / (KB * 8), k = e % (KB * 8);
+          staged[p] = e < CB * KB * 8 && k < K ? A[base + c * K + k] : 0.0f;
+        }
+      } else {
+        for (int p = 0; p < LPT; ++p) {
+          const int e = (int)tid + THREADS * p;
+          const int blk = e / 32, w = e % 32;
+          const int c = blk / KB * 4 + w / 8, k = blk % KB * 8 + w % 8;
+          staged[p] = e < CB * KB * 8 && k < K ? Bm[base + c * K + k] : 0.0f;
+        }
+      }
+      if (s2 < STAGES) {
+        for (int p = 0; p < XPT; ++p) {
+          const int e = (int)tid + THREADS * p;
+          const int v = vt + e % BV;
+          xs_next[p] = e < CB * BV && v < V ? X[((uint)(n2 * R + r) * C + c0 + e / BV) * V + v] : 0.0f;
+        }
+      }
+    }
+  }
+  if (it < 0) {
+    continue;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (s < STAGES) {
+    const int c0 = s * CB;
+    for (int i = 0; i < IPS; ++i) {
+      const int item = sg + SG * i;
+      if (item < CB / 8 * KS) {
+        const int cb = item % (CB / 8), split = item / (CB / 8);
+        const int k1 = (split + 1) * KSPAN < KB ? (split + 1) * KSPAN : KB;
+        simdgroup_float8x8 sum[VB];
+        for (int vb = 0; vb < VB; ++vb) {
+          sum[vb] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+        }
+        for (int kb = split * KSPAN; kb < k1; ++kb) {
+          simdgroup_float8x8 a;
+          simdgroup_load(a, &m_s[cb * 8 * AST + kb * 8], AST);
+          for (int vb = 0; vb < VB; ++vb) {
+            simdgroup_float8x8 b;
+            simdgroup_load(b, &h_s[kb * 8 * HST + vb * 8], HST);
+            simdgroup_multiply_accumulate(sum[vb], a, b, sum[vb]);
+          }
+        }
+        for (int vb = 0; vb < VB; ++vb) {
+          simdgroup_store(sum[vb], &p_s[(split * CB + cb * 8) * HST + vb * 8], HST);
+        }
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (int p = 0; p < XPT; ++p) {
+      const int e = (int)tid + THREADS * p;
+      if (e < CB * BV) {
+        const int c = c0 + e / BV, j = e % BV;
+        float sum = 0.0f;
+        for (int split = 0; split < KS; ++split) {
+          sum += p_s[(split * CB + e / BV) * HST + j];
+        }
+        const float x = vt + j < V ? xs[p] + SIGN * sum : 0.0f;
+        x_s[c * HST + j] = -SIGN * x;
+        if (vt + j < V) {
+          x_new[(nr * C + c) * V + vt + j] = x;
+        }
+      }
+    }
+    if (s == STAGES - 1) {  // every product with h is done: h = decay h + Y
+      const float d = decay[nr];
+      for (int p = 0; p < HPT; ++p) {
+        const int e = (int)tid + THREADS * p;
+        const int k = e / BV, v = vt + e % BV;
+        if (e < K * BV) {
+          const float y = HAS_Y && v < V ? Y[(nr * K + k) * V + v] : 0.0f;
+          h_s[k * HST + e % BV] = d * h_s[k * HST + e % BV] + y;
+        }
+      }
+    }
+  } else {
+    const int c0 = (s - STAGES) * CB;
+    for (int i = 0; i < TPS; ++i) {
+      const int tile = sg + SG * i;
+      if (s == STAGES && tile < T2) {
+        simdgroup_load(acc[i], &h_s[tile / VB * 8 * HST + tile % VB * 8], HST);
+      }
+    }
+    for (int cb = 0; cb < CB / 8; ++cb) {
+      for (int i = 0; i < TPS; ++i) {
+        const int tile = sg + SG * i;
+        if (tile < T2) {
+          simdgroup_float8x8 a, b;
+          simdgroup_load(a, &m_s[tile / VB * 8 * BST + cb * 8], BST);
+          simdgroup_load(b, &x_s[(c0 + cb * 8) * HST + tile % VB * 8], HST);
+          simdgroup_multiply_accumulate(acc[i], a, b, acc[i]);
+        }
+      }
+    }
+    if (s == 2 * STAGES - 1) {
+      for (int i = 0; i < TPS; ++i) {
+        const int tile = sg + SG * i;
+        if (tile < T2) {
+          simdgroup_store(acc[i], &h_s[tile / VB * 8 * HST + tile % VB * 8], HST);
+        }
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (s == 2 * STAGES - 1 && seg_end[n] >= 0) {
+      for (int p = 0; p < HPT; ++p) {
+        const int e = (int)tid + THREADS * p;
+        const int k = e / BV, v = vt + e % BV;
+        if (e < K * BV && v < V) {
+          h_out[((seg_end[n] * R + r) * K + k) * V + v] = h_s[k * HST + e % BV];
+        }
+      }
+    }
+  }
+}
