@@ -17,8 +17,8 @@ from mlx_gdn.ops import chunk, gated_delta, kernels
 
 
 # (kernel, value columns, threads)
-SCAN_CONFIGS = [("mma", 16, 256), ("mma", 8, 256), ("mma", 16, 128), ("mma", 32, 256), ("mma", 16, 512),
-                ("mma", 8, 128), ("simt", 16, 512), ("simt", 16, 256), ("simt", 8, 256)]
+SCAN_CONFIGS = [("mma", 16, 512), ("mma", 16, 256), ("mma", 16, 128), ("mma", 8, 256),
+                ("simt", 16, 512), ("simt", 16, 256), ("simt", 8, 256)]
 
 
 def shaped_inputs(B, T, H, K, V):
@@ -30,17 +30,23 @@ def shaped_inputs(B, T, H, K, V):
 def parts(B, T, H, K, V, C=64):
     q, k, v, g, beta = (mx.array(x) for x in shaped_inputs(B, T, H, K, V))
     opt = gated_delta._Options(K ** -0.5, True, False, False, False, False, False)
-    seqs = [(0, T)]
-    prep = lambda: [gated_delta._to_chunks(x, seqs, C, False)
-                    for x in gated_delta._prepare(opt, q, k, v, g, beta, None, None)]
+    params = (mx.zeros((H,)), mx.zeros((H,)))
+    prep = lambda: gated_delta._chunked_inputs(opt, C, None)(q, k, v, g, beta, *params)  # compiled
     out = {"prepare_ms": time_mlx(lambda: prep())}
+    cots = [mx.ones_like(x) for x in prep()]
+    out["prepare_vjp_ms"] = time_mlx(lambda: mx.vjp(
+        lambda *xs: gated_delta._chunked_inputs(opt, C, None)(*xs, *params), [q, k, v, g, beta], cots)[1])
+    chunk.COMPILE = False
+    out["prepare_uncompiled_ms"] = time_mlx(lambda: prep())
+    chunk.COMPILE = True
     cq, ck, cv, cg, cb = prep()
     mx.eval(cq, ck, cv, cg, cb)
     pieces = lambda: chunk._ChunkPieces(cq, ck, cv, cg, cb)
-    out["pieces_ms"] = time_mlx(lambda: (lambda pc: [pc.W, pc.U, pc.Kt, pc.P, pc.decay])(pieces()))
-    fields = lambda pc: (pc.W, pc.U, pc.Kt, pc.P, pc.decay, pc.eg)
-    compiled = mx.compile(lambda *xs: fields(chunk._ChunkPieces(*xs)))
-    out["pieces_compiled_ms"] = guarded(lambda: time_mlx(lambda: compiled(cq, ck, cv, cg, cb)))
+    fields = lambda pc: [pc.W, pc.U, pc.Kt, pc.P, pc.decay, pc.eg]
+    out["pieces_ms"] = time_mlx(lambda: fields(pieces()))  # element-wise chains compiled (chunk.fused)
+    chunk.COMPILE = False
+    out["pieces_uncompiled_ms"] = time_mlx(lambda: fields(pieces()))
+    chunk.COMPILE = True
     pc = pieces()
     mx.eval(pc.W, pc.U, pc.Kt, pc.P, pc.decay, pc.eg)
     h0 = mx.zeros((B, H, K, V))
@@ -62,9 +68,26 @@ def parts(B, T, H, K, V, C=64):
     kernels.SCAN_KERNEL, kernels.SCAN_TILE, kernels.SCAN_THREADS, kernels.MMA_SCAN_THREADS = default
     states, u, _ = kernels.scan_forward(pc.W, pc.U, pc.Kt, pc.decay, h0, seg)
     mx.eval(states, u)
-    out["output_ms"] = time_mlx(lambda: (cq * pc.eg) @ states + pc.P @ u)
-    out["invert_ops_ms"] = time_mlx(lambda: chunk.invert_unit_lower(pc.A))
+    out["output_ms"] = time_mlx(lambda: chunk.fused(chunk._output)(cq, pc.eg, states, pc.P, u))
     out["invert_kernel_ms"] = time_mlx(lambda: kernels.unit_lower_inverse(pc.A))
+    # the backward's parts (pieces recomputed as above, then these)
+    do = mx.random.normal(u.shape)
+    Qg, PdO, QdO = chunk.fused(chunk._scan_backward_inputs)(cq, pc.eg, pc.P, do)
+    out["bwd_scan_inputs_ms"] = time_mlx(lambda: chunk.fused(chunk._scan_backward_inputs)(cq, pc.eg, pc.P, do))
+    out["bwd_scan_ms"] = time_mlx(lambda: kernels.scan_backward(PdO, QdO, pc.Kt, pc.W, pc.decay, h0, seg))
+    du, dh_next, _ = kernels.scan_backward(PdO, QdO, pc.Kt, pc.W, pc.decay, h0, seg)
+    args = (cq, ck, cv, cb, do, states, u, du, dh_next, Qg, pc.incl, pc.strict, pc.Gam, pc.eg, pc.tail,
+            pc.decay, pc.KKG, pc.A, pc.P, pc.Tinv, pc.W, pc.U, pc.Kt)
+    mx.eval(args)
+    out["bwd_after_scan_ms"] = time_mlx(lambda: chunk.fused(chunk._backward_after_scan)(*args))
+    out["bwd_after_scan_uncompiled_ms"] = time_mlx(lambda: chunk._backward_after_scan(*args))
+    out["bwd_block_ms"] = time_mlx(lambda: chunk._backward_block(cq, ck, cv, cg, cb, do, h0, states, u, seg))
+    # single products of the after-scan part, to see what one such launch costs at this shape
+    t = chunk._t
+    out["bwd_one_product_CxV_VxK_ms"] = time_mlx(lambda: du @ t(states))
+    out["bwd_one_product_CxC_CxK_ms"] = time_mlx(lambda: t(pc.Tinv) @ pc.W)
+    out["bwd_one_product_CxK_KxC_ms"] = time_mlx(lambda: pc.W @ t(pc.W))
+    out["bwd_one_elementwise_CxK_ms"] = time_mlx(lambda: pc.W * pc.eg + cq)
     return out
 
 

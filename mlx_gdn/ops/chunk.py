@@ -44,8 +44,9 @@ def _t(x):
 
 
 def _mm_nt(a, b):
-    # a @ b^T. MLX's CPU GEMM runs twice as slow on a transposed right operand; a copy is cheaper.
-    return a @ mx.contiguous(_t(b))
+    # a @ b^T. MLX's CPU GEMM runs twice as slow on a transposed right operand; a copy is cheaper
+    # there. GPU GEMMs take the transposed view as it is.
+    return a @ (mx.contiguous(_t(b)) if kernels.backend() == "ops" else _t(b))
 
 
 _mask_cache = {}
@@ -91,7 +92,7 @@ def invert_unit_lower(A):
     return mx.concatenate([top, mx.concatenate([t21, t22], axis=-1)], axis=-2)
 
 
-def _fused(fn):
+def fused(fn):
     """fn under mx.compile on a GPU, where fusing its element-wise chains saves launches and memory
     traffic (MLX_GDN_COMPILE=0 turns it off); as is on the CPU path."""
     if not COMPILE or kernels.backend() not in ("metal", "cuda"):
@@ -129,11 +130,11 @@ class _ChunkPieces:
     def __init__(self, q, k, v, g, beta):
         C = q.shape[-2]
         self.incl, self.strict = _masks(C)
-        self.Gam, self.eg, self.tail, self.decay, self.KKG, self.A, self.P = _fused(_pieces_before_inverse)(
+        self.Gam, self.eg, self.tail, self.decay, self.KKG, self.A, self.P = fused(_pieces_before_inverse)(
             q, k, g, beta, self.incl, self.strict)
         self.Tinv = (invert_unit_lower(self.A) if kernels.backend() == "ops"
                      else kernels.unit_lower_inverse(self.A))
-        self.W, self.U, self.Kt = _fused(_pieces_after_inverse)(self.Tinv, k, v, beta, self.eg, self.tail)
+        self.W, self.U, self.Kt = fused(_pieces_after_inverse)(self.Tinv, k, v, beta, self.eg, self.tail)
 
 
 def _scan_forward(W, U, Kt, decay, h0, segments):
@@ -178,7 +179,7 @@ def _forward_block(q, k, v, g, beta, h0, segments):
     pc = _ChunkPieces(q, k, v, g, beta)
     scan = _scan_forward if kernels.backend() == "ops" else kernels.scan_forward
     states, u, hT = scan(pc.W, pc.U, pc.Kt, pc.decay, h0, segments)
-    o = _fused(_output)(q, pc.eg, states, pc.P, u)
+    o = fused(_output)(q, pc.eg, states, pc.P, u)
     return o, hT, states, u
 
 
@@ -190,9 +191,9 @@ def _backward_block(q, k, v, g, beta, do, dhT, states, u, segments):
     """One block of chunks: gradients (dq, dk, dv, dg, dbeta, dh0) of _forward_block's (o, hT)."""
     pc = _ChunkPieces(q, k, v, g, beta)
     scan = _scan_backward if kernels.backend() == "ops" else kernels.scan_backward
-    Qg, PdO, QdO = _fused(_scan_backward_inputs)(q, pc.eg, pc.P, do)
+    Qg, PdO, QdO = fused(_scan_backward_inputs)(q, pc.eg, pc.P, do)
     du, dh_next, dh0 = scan(PdO, QdO, pc.Kt, pc.W, pc.decay, dhT, segments)
-    return tuple(_fused(_backward_after_scan)(
+    return tuple(fused(_backward_after_scan)(
         q, k, v, beta, do, states, u, du, dh_next, Qg, pc.incl, pc.strict, pc.Gam, pc.eg, pc.tail,
         pc.decay, pc.KKG, pc.A, pc.P, pc.Tinv, pc.W, pc.U, pc.Kt)) + (dh0,)
 

@@ -3,7 +3,7 @@
 import mlx.core as mx
 
 from . import kernels
-from .chunk import chunk_gated_delta
+from .chunk import chunk_gated_delta, fused
 from .recurrent import recurrent_gated_delta
 
 CHUNK_SIZES = (16, 32, 64)
@@ -173,8 +173,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
         o, hT = mx.concatenate(outs, axis=1), mx.concatenate(finals, axis=0)
     else:
         C = chunk_size
-        prepared = _prepare(options, q, k, v, g, beta, *params)
-        chunked = [_to_chunks(x, seqs, C, packed) for x in prepared]
+        chunked = _chunked_inputs(options, C, seqs if packed else None)(q, k, v, g, beta, *params)
         o, hT = chunk_gated_delta(*chunked, h0, _segments(seqs, C, packed))
         o = _from_chunks(o, seqs, T, B, packed).astype(q.dtype)
 
@@ -187,6 +186,20 @@ class _Options:
     def __init__(self, scale, l2norm, gate, beta_sigmoid, neg_eigval, has_A_log, has_dt_bias):
         self.scale, self.l2norm, self.gate = scale, l2norm, gate
         self.beta_sigmoid, self.neg_eigval, self.has_dt_bias = beta_sigmoid, neg_eigval, has_dt_bias
+        self.key = (scale, l2norm, gate, beta_sigmoid, neg_eigval, has_dt_bias)
+
+
+_chunked_fns = {}
+
+
+def _chunked_inputs(opt, C, seqs):
+    """(q, k, v, g, beta, A_log, dt_bias) -> the chunk-major inputs of chunk_gated_delta: one function
+    per (options, C) for unpacked rows, so that chunk.fused compiles it once (packed rows, whose
+    gather indices depend on the sequences, are not compiled)."""
+    prepare = lambda *xs: [_to_chunks(x, seqs, C, seqs is not None) for x in _prepare(opt, *xs)]
+    if seqs is not None:
+        return prepare
+    return fused(_chunked_fns.setdefault((opt.key, C), prepare))
 
 
 def _prepare(opt, q, k, v, g, beta, A_log, dt_bias):
