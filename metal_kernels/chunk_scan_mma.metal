@@ -13,14 +13,14 @@
 //      of h (each A tile loaded once for VB products); the k sum is split KS ways so that every SIMD
 //      group works, and the partial sums meet in threadgroup memory (p_s), where X is added and x
 //      written out.
-//   2. h' = decay h + Y - s B^T x: each SIMD group owns TPW 8x8 tiles of h, accumulated across the
+//   2. h' = decay h + Y - s B^T x: each SIMD group owns TPS 8x8 tiles of h, accumulated across the
 //      stages in registers (B staged transposed) and stored back after the last stage.
 // The next stage's rows of A or B (and X) are loaded into registers while the current one computes:
 // they do not depend on h, so the global-memory latency stays off the sequential path.
 // Template: K, V, C, N (chunks), R, THREADS (a multiple of 32), BV (a multiple of 8), CB (rows per
-// stage, a multiple of 8 dividing C), KS, REVERSE, HAS_Y, and the row strides of the threadgroup arrays
-// (padded on CUDA against bank conflicts): AST (staged A, >= K rounded up to 8), BST (staged B^T,
-// >= CB), HST (h_s, x_s, p_s, >= BV).
+// stage, a multiple of 8 dividing C), KS (ways the k sum of A h is split), REVERSE, HAS_Y, and the
+// row strides of the threadgroup arrays (padded on CUDA against bank conflicts): AST (staged A, >= K
+// rounded up to 8), BST (staged B^T, >= CB), HST (h_s, x_s, p_s, >= BV).
 // Inputs: A, Bm [N,R,C,K]; X [N,R,C,V]; Y [N,R,K,V] (read only if HAS_Y); decay [N,R];
 // h_in [S*R,K,V]; seg_start, seg_end [N] int32.
 // Outputs: states [N,R,K,V] (the state entering chunk n, in scan order); x_new [N,R,C,V];
