@@ -7,7 +7,7 @@ import pytest
 
 import metal_kernels
 from emulator import EmulatedKernel, executed
-from mlx_gdn.ops import chunk, gated_delta_rule, kernels
+from mlx_gdn.ops import gated_delta_rule, kernels
 from reference import assert_close, gated_delta_reference, make_inputs, rms_rel
 from scan_check import check_scans
 

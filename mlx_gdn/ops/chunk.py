@@ -92,6 +92,10 @@ def invert_unit_lower(A):
     return mx.concatenate([top, mx.concatenate([t21, t22], axis=-1)], axis=-2)
 
 
+COMPILE = os.environ.get("MLX_GDN_COMPILE", "1") != "0"
+_compiled = {}
+
+
 def fused(fn):
     """fn under mx.compile on a GPU, where fusing its element-wise chains saves launches and memory
     traffic (MLX_GDN_COMPILE=0 turns it off); as is on the CPU path."""
@@ -100,10 +104,6 @@ def fused(fn):
     if fn not in _compiled:
         _compiled[fn] = mx.compile(fn)
     return _compiled[fn]
-
-
-COMPILE = os.environ.get("MLX_GDN_COMPILE", "1") != "0"
-_compiled = {}
 
 
 def _pieces_before_inverse(q, k, g, beta, incl, strict):

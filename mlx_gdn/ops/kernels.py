@@ -12,13 +12,12 @@ import mlx.core as mx
 
 import metal_kernels
 
+_SCAN_IO = (["A", "X", "Bm", "Y", "decay", "h_in", "seg_start", "seg_end"], ["states", "x_new", "h_out"])
 SPECS = {
     "decode_step": (["q", "k", "v", "g", "beta", "A_log", "dt_bias", "scale", "state_in"],
                     ["o", "state_out"]),
-    "chunk_scan": (["A", "X", "Bm", "Y", "decay", "h_in", "seg_start", "seg_end"],
-                   ["states", "x_new", "h_out"]),
-    "chunk_scan_mma": (["A", "X", "Bm", "Y", "decay", "h_in", "seg_start", "seg_end"],
-                       ["states", "x_new", "h_out"]),
+    "chunk_scan": _SCAN_IO,  # the SIMT and the SIMD-group-matrix scans take the same arguments
+    "chunk_scan_mma": _SCAN_IO,
     "unit_lower_inverse": (["A"], ["T"]),
 }
 TG_COLUMNS = 4  # decode: value columns (SIMD groups) per threadgroup
@@ -29,9 +28,9 @@ SCAN_TILE = 16
 SCAN_THREADS = None
 THREADGROUP_BYTES = {"metal": 32768, "cuda": 49152}  # Metal's limit; CUDA's for static shared memory
 # The scan kernel: "mma" (chunk_scan_mma.metal, SIMD-group 8x8 matrices), "simt" (chunk_scan.metal),
-# or None: mma up to MMA_SCAN_MAX_K state rows, simt above. H100, scan alone, forward / reverse ms:
-# K = 128 mma 1.14 / 1.39 (512 threads) vs simt 1.83 / 1.80; K = 200 (V = 400) mma 3.84 / 5.08 (its
-# best, 128 threads; 512 do not launch: registers) vs simt 2.92 / 2.98.
+# or None: mma up to MMA_SCAN_MAX_K state rows, simt above. H100, scan alone, forward / reverse ms
+# (benchmarks/RESULTS.md, fourth session): K = 128 mma 1.12-1.21 / 1.30-1.43 (512 threads) vs simt
+# 1.70-1.77 / 1.65-1.77; K = 200 (V = 400) mma 3.55-3.79 / 4.62-4.81 vs simt 2.88 / 3.11.
 SCAN_KERNEL = None
 MMA_SCAN_MAX_K = 128
 MMA_SCAN_THREADS = 512
