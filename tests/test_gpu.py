@@ -16,7 +16,7 @@ import pytest
 
 from mlx_gdn.ops import gated_delta_rule, kernels  # noqa: E402
 from reference import assert_close, gated_delta_reference, make_inputs, rms_rel
-from scan_check import check_scans
+from kernel_checks import check_pieces, check_scans
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(kernels.backend() not in ("metal", "cuda"),
@@ -47,6 +47,12 @@ def test_chunk_with_kernels_matches_oracle(B, T, H, HV, D, cu):
 def test_scan_kernels_match_ops_scans(monkeypatch, scan, N, HV, K, V, segments):
     monkeypatch.setattr(kernels, "SCAN_KERNEL", scan)
     check_scans(N, 1, HV, 64, K, V, segments, FP32_TOL)
+
+
+@pytest.mark.parametrize("M,C,K,V", [(64, 64, 128, 128), (27, 64, 200, 400), (18, 32, 100, 60),
+                                     (10, 16, 64, 32)])
+def test_chunk_pieces_kernel_matches_ops(M, C, K, V):
+    check_pieces(M, C, K, V, FP32_TOL)
 
 
 def test_simdgroup_matrix_prelude():

@@ -9,7 +9,7 @@ import metal_kernels
 from emulator import EmulatedKernel, executed
 from mlx_gdn.ops import gated_delta_rule, kernels
 from reference import assert_close, gated_delta_reference, make_inputs, rms_rel
-from scan_check import check_scans
+from kernel_checks import check_pieces, check_scans
 
 FP32_TOL = 1e-5
 
@@ -73,6 +73,25 @@ def test_unit_lower_inverse_kernel_matches_float64(emulated, C):
     got = np.array(kernels.unit_lower_inverse(mx.array(A.astype(np.float32))))
     want = np.linalg.inv(np.eye(C) + A)
     assert rms_rel(want, got) <= FP32_TOL
+
+
+PIECES_CASES = [
+    # M, C, K, V, (threads, threadgroup bytes, padded strides)
+    (3, 16, 32, 32, (256, 32768, False)),   # more SIMD groups than tiles
+    (2, 32, 60, 100, (64, 32768, True)),    # K, V not multiples of the column block
+    (2, 64, 128, 40, (256, 32768, False)),  # Metal's 32 KB: 16-column blocks
+    (2, 64, 200, 24, (256, 49152, True)),   # the CUDA default (32-column blocks), the 1.3B K
+    (1, 64, 100, 72, (64, 32768, False)),   # two SIMD groups: 36 tiles each, 4 blocks of T a row
+]
+
+
+@pytest.mark.parametrize("M,C,K,V,config", PIECES_CASES)
+def test_chunk_pieces_kernel_matches_ops(emulated, monkeypatch, M, C, K, V, config):
+    threads, limit, padded = config
+    monkeypatch.setattr(kernels, "PIECES_THREADS", threads)
+    monkeypatch.setitem(kernels.THREADGROUP_BYTES, "emulated", limit)
+    monkeypatch.setitem(kernels.PADDED_STRIDES, "emulated", padded)
+    check_pieces(M, C, K, V)
 
 
 OP_CASES = [
@@ -167,7 +186,7 @@ def test_decode_kernel_gradient_is_the_recurrence(emulated):
 
 
 def test_emulator_catches_a_missing_barrier():
-    # thread 0 reads what thread 1 wrote to threadgroup memory: right with the barrier, stale without
+    # thread 0 reads what thread 1 wrote to threadgroup memory: right with the barrier, a race without
     body = """
     threadgroup float shared[2];
     const uint i = thread_position_in_threadgroup.x;
@@ -175,15 +194,47 @@ def test_emulator_catches_a_missing_barrier():
     {BARRIER}
     out[i] = shared[1 - i];
     """
-    for barrier, expected in (("threadgroup_barrier(mem_flags::mem_threadgroup);", [2.0, 1.0]),
-                              ("", None)):
-        kern = EmulatedKernel("barrier_probe", ["x"], ["out"], body.replace("{BARRIER}", barrier))
-        out = kern(inputs=[mx.zeros((2,))], output_shapes=[(2,)], output_dtypes=[mx.float32],
-                   grid=(2, 1, 1), threadgroup=(2, 1, 1))[0]
-        if expected is not None:
-            assert out.tolist() == expected
-        else:
-            assert out.tolist() != [2.0, 1.0]
+    kern = EmulatedKernel("barrier_probe", ["x"], ["out"],
+                          body.replace("{BARRIER}", "threadgroup_barrier(mem_flags::mem_threadgroup);"))
+    out = kern(inputs=[mx.zeros((2,))], output_shapes=[(2,)], output_dtypes=[mx.float32],
+               grid=(2, 1, 1), threadgroup=(2, 1, 1))[0]
+    assert out.tolist() == [2.0, 1.0]
+    kern = EmulatedKernel("barrier_probe", ["x"], ["out"], body.replace("{BARRIER}", ""))
+    with pytest.raises(RuntimeError, match="race"):
+        kern(inputs=[mx.zeros((2,))], output_shapes=[(2,)], output_dtypes=[mx.float32],
+             grid=(2, 1, 1), threadgroup=(2, 1, 1))
+
+
+def test_emulator_catches_a_race_within_a_simd_group():
+    # lanes read a stored 8x8 product back without synchronising and multiply it by a lower-triangular
+    # L: a lane's results need only rows written by lanes before it, right in thread order; the
+    # reverse order exposes the race
+    body = """
+    threadgroup float m[64];
+    const uint i = thread_position_in_threadgroup.x;
+    m[i] = i / 8 >= i % 8 ? 1.0f : 0.0f;
+    m[i + 32] = (i + 32) / 8 >= i % 8 ? 1.0f : 0.0f;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    simdgroup_float8x8 low, ones = make_filled_simdgroup_matrix<float, 8, 8>(1.0f);
+    simdgroup_float8x8 s = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    simdgroup_load(low, &m[0], 8);
+    simdgroup_multiply_accumulate(s, low, ones, s);
+    {BARRIER}
+    simdgroup_store(s, &m[0], 8);
+    {BARRIER}
+    simdgroup_load(s, &m[0], 8);
+    simdgroup_float8x8 r = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    simdgroup_multiply_accumulate(r, low, s, r);
+    simdgroup_store(r, &out[0], 8);
+    """
+    shapes = dict(output_shapes=[(64,)], output_dtypes=[mx.float32], grid=(32, 1, 1), threadgroup=(32, 1, 1))
+    kern = EmulatedKernel("simd_race_probe", ["x"], ["out"],
+                          body.replace("{BARRIER}", "threadgroup_barrier(mem_flags::mem_threadgroup);"))
+    want = [(r + 1) * (r + 2) / 2 for r in range(8) for _ in range(8)]  # L (L 1) = L [row + 1]
+    assert kern(inputs=[mx.zeros((1,))], **shapes)[0].tolist() == want
+    kern = EmulatedKernel("simd_race_probe", ["x"], ["out"], body.replace("{BARRIER}", ""))
+    with pytest.raises(RuntimeError, match="race"):
+        kern(inputs=[mx.zeros((1,))], **shapes)
 
 
 def test_emulator_reports_barrier_divergence():

@@ -16,7 +16,7 @@ The backward recomputes the per-chunk pieces (C x C matrices, W, U), keeps one K
 occupy consecutive chunks; the scans restart at each segment's first chunk. Both passes go through
 blocks of BLOCK_TOKENS (forward) / BACKWARD_BLOCK_TOKENS tokens, the scan state carried between
 blocks, to bound memory at long T.
-On Metal/CUDA the two scans and the inversion are kernels of metal_kernels/ (see kernels.py).
+On Metal/CUDA the chunk pieces and the two scans are kernels of metal_kernels/ (see kernels.py).
 """
 
 import os
@@ -106,18 +106,28 @@ def fused(fn):
     return _compiled[fn]
 
 
-def _pieces_before_inverse(q, k, g, beta, incl, strict):
+def _gates(g, k):
+    """Per-token decays: gamma (the within-chunk cumsum of g), e^gamma, the decay to the chunk's end,
+    the decay across the whole chunk [..., 1, 1], and K scaled by the decay to the end."""
     gamma = mx.cumsum(g, axis=-2)  # [..., C, 1]
-    Gam = _decay_matrix(gamma, incl)
     glast = gamma[..., -1:, :]
+    tail = mx.exp(glast - gamma)
+    return gamma, mx.exp(gamma), tail, mx.exp(glast), k * tail
+
+
+def _pieces_before_inverse(q, k, gamma, beta, incl, strict):
+    Gam = _decay_matrix(gamma, incl)
     KKG = mx.where(strict, _mm_nt(k, k) * Gam, 0.0)
     P = mx.where(incl, _mm_nt(q, k) * Gam, 0.0)
-    # e^gamma, decay to the chunk's end, decay across the whole chunk [..., 1, 1]
-    return Gam, mx.exp(gamma), mx.exp(glast - gamma), mx.exp(glast), KKG, KKG * beta, P
+    return Gam, KKG, KKG * beta, P
 
 
-def _pieces_after_inverse(Tinv, k, v, beta, eg, tail):
-    return Tinv @ (k * (beta * eg)), Tinv @ (v * beta), k * tail
+def _pieces_after_inverse(Tinv, k, v, beta, eg):
+    return Tinv @ (k * (beta * eg)), Tinv @ (v * beta)
+
+
+def _gated_from_kernel(gamma, KKG, beta, incl):
+    return _decay_matrix(gamma, incl), KKG * beta
 
 
 class _ChunkPieces:
@@ -125,16 +135,22 @@ class _ChunkPieces:
 
     Per-token scalars are kept as columns [..., C, 1] and broadcast from there: MLX's CPU scheduler
     waits for a pending input before reshaping it, which would serialise the per-core streams.
+    On a GPU, metal_kernels/chunk_pieces.metal computes KKG, P, Tinv, W and U in one launch; Gam and A
+    are then only formed if the backward reads them (MLX evaluates lazily).
     """
 
     def __init__(self, q, k, v, g, beta):
         C = q.shape[-2]
         self.incl, self.strict = _masks(C)
-        self.Gam, self.eg, self.tail, self.decay, self.KKG, self.A, self.P = fused(_pieces_before_inverse)(
-            q, k, g, beta, self.incl, self.strict)
-        self.Tinv = (invert_unit_lower(self.A) if kernels.backend() == "ops"
-                     else kernels.unit_lower_inverse(self.A))
-        self.W, self.U, self.Kt = fused(_pieces_after_inverse)(self.Tinv, k, v, beta, self.eg, self.tail)
+        gamma, self.eg, self.tail, self.decay, self.Kt = fused(_gates)(g, k)
+        if kernels.backend() == "ops":
+            self.Gam, self.KKG, self.A, self.P = fused(_pieces_before_inverse)(
+                q, k, gamma, beta, self.incl, self.strict)
+            self.Tinv = invert_unit_lower(self.A)
+            self.W, self.U = fused(_pieces_after_inverse)(self.Tinv, k, v, beta, self.eg)
+        else:
+            self.KKG, self.P, self.Tinv, self.W, self.U = kernels.chunk_pieces(q, k, v, gamma, beta)
+            self.Gam, self.A = fused(_gated_from_kernel)(gamma, self.KKG, beta, self.incl)
 
 
 def _scan_forward(W, U, Kt, decay, h0, segments):

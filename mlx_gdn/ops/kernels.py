@@ -19,6 +19,7 @@ SPECS = {
     "chunk_scan": _SCAN_IO,  # the SIMT and the SIMD-group-matrix scans take the same arguments
     "chunk_scan_mma": _SCAN_IO,
     "unit_lower_inverse": (["A"], ["T"]),
+    "chunk_pieces": (["q", "k", "v", "gamma", "beta"], ["KKG", "P", "T", "W", "U"]),
 }
 TG_COLUMNS = 4  # decode: value columns (SIMD groups) per threadgroup
 # Chunk scan: value columns per threadgroup (smaller where threadgroup memory is short) and threads
@@ -174,6 +175,39 @@ def unit_lower_inverse(A):
         inputs=[A.astype(mx.float32)], template=[("C", C)], grid=(C, M, 1), threadgroup=(C, 1, 1),
         output_shapes=[A.shape], output_dtypes=[mx.float32])
     return T
+
+
+PIECES_THREADS = 256
+
+
+def _pieces_config(C, limit, padded):
+    """chunk_pieces.metal's column block KC and row strides: the widest KC whose stage fits `limit`."""
+    pad = 4 if padded else 0
+    cs, ts = C + pad, C + pad
+    for kc in (32, 16, 8):
+        qs = kc + pad
+        floats = max(2 * C * qs + kc * ts, C * cs) + max(C * cs, 2 * C * qs)
+        if 4 * floats <= limit:
+            return (("KC", kc), ("CS", cs), ("QS", qs), ("TS", ts))
+    raise ValueError(f"chunk_pieces: C = {C} does not fit {limit} bytes of threadgroup memory")
+
+
+def chunk_pieces(q, k, v, gamma, beta):
+    """The chunk pieces kernel on chunk-major q, k [..., C, K], v [..., C, V], gamma, beta [..., C, 1]
+    (float32): (KKG, P, Tinv, W, U) as chunk._pieces_before_inverse / _pieces_after_inverse give them."""
+    *lead, C, K = q.shape
+    V = v.shape[-1]
+    M = q.size // (C * K)
+    threads = max(PIECES_THREADS, -(-C // 32) * 32)
+    limit = THREADGROUP_BYTES.get(backend(), THREADGROUP_BYTES["metal"])
+    extra = _pieces_config(C, limit, PADDED_STRIDES.get(backend(), False))
+    outs = get_kernel("chunk_pieces")(
+        inputs=[q, k, v, gamma, beta],
+        template=[("K", K), ("V", V), ("C", C), ("THREADS", threads), *extra],
+        grid=(threads, M, 1), threadgroup=(threads, 1, 1),
+        output_shapes=[(*lead, C, C)] * 3 + [(*lead, C, K), (*lead, C, V)],
+        output_dtypes=[mx.float32] * 5)
+    return tuple(outs)
 
 
 def decode_step(q, k, v, g, beta, state, *, scale, A_log=None, dt_bias=None, l2norm=False,

@@ -1,5 +1,6 @@
 """CPU emulator for the kernel bodies in metal_kernels/: compiles a body as C++ against shim.h and
-runs its whole grid, every GPU thread a fiber (see shim.h). Called like the function that
+runs its whole grid, every GPU thread a fiber (see shim.h), twice: threads in order and in reverse
+order, whose results must be equal (a race shows as a difference). Called like the function that
 mx.fast.metal_kernel returns, so the code that launches kernels runs unchanged on it.
 
     kernel = EmulatedKernel(name, input_names, output_names, source)
@@ -93,15 +94,25 @@ class EmulatedKernel:
         code = self._code([x.dtype for x in inputs], output_dtypes, template)
         lib = self._library(code)
         in_np = [_to_numpy(x) for x in inputs]
+        results = [self._run(lib, in_np, output_shapes, output_dtypes, init_value, grid, threadgroup, rev)
+                   for rev in (False, True)]
+        for a, b in zip(*results):
+            if a.tobytes() != b.tobytes():
+                raise RuntimeError(f"emulator: kernel {self.name}: results depend on the order threads run "
+                                   "in (a race: a missing barrier or SIMD-group synchronisation)")
+        out_np = results[0]
+        executed.add(self.name)
+        return [_from_numpy(a, dt) for a, dt in zip(out_np, output_dtypes)]
+
+    def _run(self, lib, in_np, output_shapes, output_dtypes, init_value, grid, threadgroup, reverse):
         fill = 0 if init_value is None else init_value
         out_np = [np.full(shape, fill, dtype=NP_VIEW[dt]) for shape, dt in zip(output_shapes, output_dtypes)]
         if init_value is None:  # poison: an element the kernel forgets to write shows up as NaN/garbage
-            for a, dt in zip(out_np, output_dtypes):
+            for a in out_np:
                 a.view(np.uint8).fill(0xFF)
         bufs = (ctypes.c_void_p * (len(in_np) + len(out_np)))(*[a.ctypes.data for a in in_np + out_np])
-        dims = (ctypes.c_int * 6)(*grid, *threadgroup)
+        dims = (ctypes.c_int * 7)(*grid, *threadgroup, int(reverse))
         err = ctypes.create_string_buffer(512)
         if lib.launch(bufs, dims, err, 512) != 0:
             raise RuntimeError(f"emulator: kernel {self.name}: {err.value.decode()}")
-        executed.add(self.name)
-        return [_from_numpy(a, dt) for a, dt in zip(out_np, output_dtypes)]
+        return out_np

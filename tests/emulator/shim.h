@@ -9,8 +9,11 @@
 //   simdgroup_multiply_accumulate - the same wait (all 32 lanes take part), then each lane computes
 //                          the whole 8x8 product in float; each lane holds whole matrices, and
 //                          simdgroup_store writes only the lane's two elements (as the GPUs).
-// Scheduling is deterministic: fiber 0 runs up to its next barrier before fiber 1 starts, so a read
-// of threadgroup memory that lacks a barrier sees stale data every time, not now and then.
+// Scheduling is deterministic: fiber 0 runs up to its next barrier before fiber 1 starts (or, in
+// reverse order, the last fiber first), so a read of threadgroup memory that lacks a barrier sees
+// stale data every time, not now and then. The runner launches every kernel in both orders and
+// requires equal results: a race that one order hides (a lane reading only what lanes before it
+// wrote) shows in the other.
 // `threadgroup` variables are function statics: threadgroups run one after another, so each sees
 // its own. The grid follows MLX's CUDA semantics: ceil(grid / threadgroup) threadgroups per axis.
 #pragma once
@@ -237,7 +240,9 @@ inline bool release(Launch& l) {
 }
 
 // Runs the whole grid; returns 0 or writes an error message into err (size err_len) and returns 1.
+// dims: grid (3), threadgroup (3), and whether fibers run in reverse order (see the top).
 inline int run_grid(Body body, const int* dims, char* err, int err_len) {
+  const bool reverse = dims[6] != 0;
   Launch l;
   l.grid_threads = uint3{(uint)dims[0], (uint)dims[1], (uint)dims[2]};
   l.tg_size = uint3{(uint)dims[3], (uint)dims[4], (uint)dims[5]};
@@ -267,7 +272,8 @@ inline int run_grid(Body body, const int* dims, char* err, int err_len) {
         }
         size_t alive = n;
         while (alive && l.error.empty()) {
-          for (auto& f : l.fibers) {
+          for (size_t k = 0; k < n; ++k) {
+            Fiber& f = l.fibers[reverse ? n - 1 - k : k];
             if (f.state != RUNNABLE) continue;
             l.current = &f;
             swapcontext(&l.scheduler, &f.ctx);
