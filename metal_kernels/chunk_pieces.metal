@@ -38,8 +38,15 @@ const uint g0 = m * C;  // the chunk's first row in gamma, beta, q, k, v
 
 // 1. K K^T (items < LT) and Q K^T
 simdgroup_float8x8 acc[IPS];
+int tile_i[IPS], tile_j[IPS];  // the block row and column of item sg + SG i (tile item % LT)
 for (int i = 0; i < IPS; ++i) {
   acc[i] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+  const int t = (sg + SG * i) % LT;
+  tile_i[i] = 0;
+  while ((tile_i[i] + 1) * (tile_i[i] + 2) / 2 <= t) {
+    ++tile_i[i];
+  }
+  tile_j[i] = t - tile_i[i] * (tile_i[i] + 1) / 2;
 }
 for (int kc = 0; kc < K; kc += KC) {
   threadgroup_barrier(mem_flags::mem_threadgroup);  // the previous block's products are done
@@ -52,20 +59,13 @@ for (int kc = 0; kc < K; kc += KC) {
     x_s[TOFF + j * TS + c] = kv;
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  for (int i = 0; i < IPS; ++i) {
-    const int item = sg + SG * i;
-    if (item < 2 * LT) {
-      const int t = item % LT;
-      int ti = 0;
-      while ((ti + 1) * (ti + 2) / 2 <= t) {
-        ++ti;
-      }
-      const int tj = t - ti * (ti + 1) / 2;
-      const int left = (item < LT ? KOFF : QOFF) + ti * 8 * QS;
-      for (int kk = 0; kk < KCB; ++kk) {
+  for (int kk = 0; kk < KCB; ++kk) {  // the SIMD group's tiles side by side: independent products
+    for (int i = 0; i < IPS; ++i) {
+      const int item = sg + SG * i;
+      if (item < 2 * LT) {
         simdgroup_float8x8 a, b;
-        simdgroup_load(a, &x_s[left + kk * 8], QS);
-        simdgroup_load(b, &x_s[TOFF + kk * 8 * TS + tj * 8], TS);
+        simdgroup_load(a, &x_s[(item < LT ? KOFF : QOFF) + tile_i[i] * 8 * QS + kk * 8], QS);
+        simdgroup_load(b, &x_s[TOFF + kk * 8 * TS + tile_j[i] * 8], TS);
         simdgroup_multiply_accumulate(acc[i], a, b, acc[i]);
       }
     }
@@ -75,17 +75,8 @@ threadgroup_barrier(mem_flags::mem_threadgroup);  // the stage is read: Q K^T go
 for (int i = 0; i < IPS; ++i) {
   const int item = sg + SG * i;
   if (item < 2 * LT) {
-    const int t = item % LT;
-    int ti = 0;
-    while ((ti + 1) * (ti + 2) / 2 <= t) {
-      ++ti;
-    }
-    const int tj = t - ti * (ti + 1) / 2;
-    if (item < LT) {
-      simdgroup_store(acc[i], &y_s[ti * 8 * CS + tj * 8], CS);
-    } else {
-      simdgroup_store(acc[i], &x_s[ti * 8 * CS + tj * 8], CS);
-    }
+    simdgroup_store(acc[i], item < LT ? &y_s[tile_i[i] * 8 * CS + tile_j[i] * 8]
+                                      : &x_s[tile_i[i] * 8 * CS + tile_j[i] * 8], CS);
   }
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -163,18 +154,25 @@ for (int blk = 0; blk < NKB + NVB; ++blk) {
     y_s[c * QS + j] = x;
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
+  simdgroup_float8x8 sum[OPS];
+  for (int i = 0; i < OPS; ++i) {
+    sum[i] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+  }
+  for (int b = 0; b < NB; ++b) {  // the SIMD group's tiles side by side: independent products
+    for (int i = 0; i < OPS; ++i) {
+      const int tile = sg + SG * i, bi = tile / KCB;
+      if (tile < NB * KCB && b <= bi) {
+        simdgroup_float8x8 a, x;
+        simdgroup_load(a, &x_s[bi * 8 * CS + b * 8], CS);
+        simdgroup_load(x, &y_s[b * 8 * QS + tile % KCB * 8], QS);
+        simdgroup_multiply_accumulate(sum[i], a, x, sum[i]);
+      }
+    }
+  }
   for (int i = 0; i < OPS; ++i) {
     const int tile = sg + SG * i;
     if (tile < NB * KCB) {
-      const int bi = tile / KCB, jc = tile % KCB;
-      simdgroup_float8x8 sum = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-      for (int b = 0; b <= bi; ++b) {
-        simdgroup_float8x8 a, x;
-        simdgroup_load(a, &x_s[bi * 8 * CS + b * 8], CS);
-        simdgroup_load(x, &y_s[b * 8 * QS + jc * 8], QS);
-        simdgroup_multiply_accumulate(sum, a, x, sum);
-      }
-      simdgroup_store(sum, &y_s[(C + bi * 8) * QS + jc * 8], QS);
+      simdgroup_store(sum[i], &y_s[(C + tile / KCB * 8) * QS + tile % KCB * 8], QS);
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);

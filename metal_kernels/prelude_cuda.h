@@ -71,7 +71,7 @@ __device__ inline void simdgroup_multiply_accumulate(simdgroup_float8x8& d, cons
                                                      const simdgroup_float8x8& c) {
   double d0 = c.c[0], d1 = c.c[1];
   for (int half = 0; half < 2; ++half) {
-    asm volatile("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
+    asm("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
                  : "+d"(d0), "+d"(d1)
                  : "d"((double)a.a[half]), "d"((double)b.b[half]));
   }
