@@ -5,7 +5,7 @@ prelude_cuda.h (CUDA), and the CPU emulator in tests/emulator (CI)."""
 from pathlib import Path
 
 HERE = Path(__file__).parent
-KERNELS = ("decode_step", "chunk_scan", "chunk_scan_mma", "unit_lower_inverse", "chunk_pieces")
+KERNELS = ("decode_step", "chunk_scan", "chunk_scan_mma", "chunk_pieces")
 
 
 def source(name):

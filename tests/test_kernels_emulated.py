@@ -66,15 +66,6 @@ def test_mma_scan_kernels_match_ops(emulated, monkeypatch, N, B, HV, C, K, V, se
     check_scans(N, B, HV, C, K, V, segments)
 
 
-@pytest.mark.parametrize("C", [16, 64])
-def test_unit_lower_inverse_kernel_matches_float64(emulated, C):
-    rng = np.random.default_rng(C)
-    A = np.tril(rng.standard_normal((3, C, C)) * 0.3, -1)
-    got = np.array(kernels.unit_lower_inverse(mx.array(A.astype(np.float32))))
-    want = np.linalg.inv(np.eye(C) + A)
-    assert rms_rel(want, got) <= FP32_TOL
-
-
 PIECES_CASES = [
     # M, C, K, V, (threads, threadgroup bytes, padded strides)
     (3, 16, 32, 32, (256, 32768, False)),   # more SIMD groups than tiles

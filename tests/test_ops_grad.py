@@ -5,7 +5,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_gdn.ops import gated_delta_rule
+from mlx_gdn.layers.documents import Documents
+from mlx_gdn.layers.gated_deltanet import ShortConv
+from mlx_gdn.ops import chunk, gated_delta, gated_delta_rule
 from reference import assert_close, gated_delta_reference, make_inputs, rms_rel
 
 NAMES = ("q", "k", "v", "g", "beta", "initial_state")
@@ -138,3 +140,40 @@ def test_block_by_block_grads_match_recurrence(monkeypatch):
     got = mlx_grads(data, "chunk", cu_seqlens=cu, chunk_size=16)
     for n in NAMES:
         assert rms_rel(ref[n], got[n]) <= 1e-5, n
+
+
+def test_compiled_functions_match_uncompiled(monkeypatch):
+    # on a GPU the element-wise chains, the input preparation with its hand-written VJP and the short
+    # convolutions run under mx.compile (chunk.fused): the same functions compiled here on the CPU
+    rng = np.random.default_rng(5)
+    data = make_inputs(4, 1, 90, 2, 4, 32, mask_p=0.2, h0=True, unit_k=False)
+    data["g"] = rng.standard_normal(data["g"].shape).astype(np.float32)
+    data["beta"] = rng.standard_normal(data["beta"].shape).astype(np.float32)
+    opts = dict(use_gate_in_kernel=True, use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+                allow_neg_eigval=True, chunk_size=32)
+    params = dict(A_log=np.log(rng.uniform(1, 16, 4)).astype(np.float32),
+                  dt_bias=rng.standard_normal(4).astype(np.float32))
+    extra = ("A_log", "dt_bias")
+    conv = ShortConv(24, 4)
+    x = mx.array(rng.standard_normal((2, 30, 24)).astype(np.float32))
+    docs = Documents(mx.array(np.repeat([[0, 1, 2], [3, 3, 4]], [12, 8, 10], axis=1)), 3)
+
+    def conv_loss(w, x):
+        conv.weight = w
+        return conv(x, None, docs)[0].square().sum()
+
+    conv_grad = mx.grad(conv_loss, argnums=(0, 1))
+
+    def run():
+        got = mlx_grads(data, "chunk", extra=extra, **params, **opts)
+        return got, [np.array(y) for y in conv_grad(conv.weight, x)] + [np.array(conv(x, None, docs)[0])]
+
+    ref, ref_conv = run()
+    monkeypatch.setattr(chunk, "COMPILE_ON_CPU", True)
+    monkeypatch.setattr(gated_delta, "_chunked_fns", {})
+    got, got_conv = run()
+    assert chunk._compiled, "nothing was compiled"
+    for n in list(NAMES) + list(extra):
+        assert rms_rel(ref[n], got[n]) <= 1e-6, n
+    for a, b in zip(ref_conv, got_conv):
+        assert rms_rel(a, b) <= 1e-6

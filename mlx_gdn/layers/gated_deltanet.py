@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..ops import gated_delta_rule
+from ..ops.chunk import fused
 
 
 def init_dt_bias(n):
@@ -39,17 +40,25 @@ class ShortConv(nn.Module):
             if "bias" in self:
                 out = out + self.bias
             return nn.silu(out), full[:, 1:]
-        terms = []
-        for i in range(K):  # tap i reads the input `lag` tokens back
-            term = full[:, i:i + T] * self.weight[:, 0, i]
-            lag = K - 1 - i
-            if segments is not None and lag:
-                term = term * segments.same(lag).astype(x.dtype)
-            terms.append(term)
-        out = sum(terms)
-        if "bias" in self:
-            out = out + self.bias
-        return nn.silu(out), full[:, -(K - 1):]
+        masks = [segments.same(lag).astype(x.dtype) for lag in range(1, K)] if segments is not None else []
+        bias = self.bias if "bias" in self else mx.zeros((x.shape[2],), dtype=x.dtype)
+        return fused(_conv_taps_silu)(full, self.weight, bias, *masks), full[:, -(K - 1):]
+
+
+def _conv_taps_silu(full, weight, bias, *lag_masks):
+    """silu(bias + sum_i full[t + i] w_i) over the T = len(full) - (K - 1) outputs; lag_masks[l - 1]
+    zeroes the tap `l` tokens back where it crosses a document boundary (packed rows). One compiled
+    kernel on a GPU (chunk.fused), not 2K + 2 launches."""
+    K = weight.shape[-1]
+    T = full.shape[1] - (K - 1)
+    out = bias
+    for i in range(K):  # tap i reads the input `lag` tokens back
+        term = full[:, i:i + T] * weight[:, 0, i]
+        lag = K - 1 - i
+        if lag_masks and lag:
+            term = term * lag_masks[lag - 1]
+        out = out + term
+    return nn.silu(out)
 
 
 class GatedDeltaNet(nn.Module):

@@ -18,7 +18,6 @@ SPECS = {
                     ["o", "state_out"]),
     "chunk_scan": _SCAN_IO,  # the SIMT and the SIMD-group-matrix scans take the same arguments
     "chunk_scan_mma": _SCAN_IO,
-    "unit_lower_inverse": (["A"], ["T"]),
     "chunk_pieces": (["q", "k", "v", "gamma", "beta"], ["KKG", "P", "T", "W", "U"]),
 }
 TG_COLUMNS = 4  # decode: value columns (SIMD groups) per threadgroup
@@ -165,16 +164,6 @@ def scan_backward(PdO, QdO, Kt, W, decay, dhT, segments):
     """Kernel twin of chunk._scan_backward (same arguments and results)."""
     dh_next, du, dh0 = _scan(Kt, PdO, W, QdO, decay, dhT, segments, reverse=True)
     return du, dh_next, dh0
-
-
-def unit_lower_inverse(A):
-    """Kernel twin of chunk.invert_unit_lower: (I + A)^-1 for strictly lower A [..., C, C]."""
-    C = A.shape[-1]
-    M = A.size // (C * C)
-    (T,) = get_kernel("unit_lower_inverse")(
-        inputs=[A.astype(mx.float32)], template=[("C", C)], grid=(C, M, 1), threadgroup=(C, 1, 1),
-        output_shapes=[A.shape], output_dtypes=[mx.float32])
-    return T
 
 
 PIECES_THREADS = 256
