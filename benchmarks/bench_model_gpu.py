@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten
 from mlx_gdn.convert import fla_config
 from mlx_gdn.generate import generate_tokens
 from mlx_gdn.models import Model, ModelArgs, PRESETS
-from mlx_gdn.train import loss_fn
+from mlx_gdn.train import compiled_update, loss_fn
 
 HBM_BYTES_S = 3.35e12  # H100 SXM
 
@@ -63,11 +63,13 @@ def bench_ours(name, args, ids):
 
     x, y = prompt[:, :-1], prompt[:, 1:]
     optimizer = optim.AdamW(1e-4)
+    optimizer.init(model.trainable_parameters())
+    update = compiled_update(model, optimizer, grad_clip=0.0)  # as train.py, without clipping (as fla's)
     step = nn.value_and_grad(model, loss_fn)
 
     def train_step():
         loss, grads = step(model, x, y, mx.ones(y.shape))
-        optimizer.update(model, grads)
+        update(grads)
         mx.eval(loss, model.parameters(), optimizer.state)
 
     mx.reset_peak_memory()

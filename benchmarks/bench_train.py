@@ -21,7 +21,7 @@ import numpy as np
 import mlx_gdn.layers.gated_deltanet as gdn_layer
 from mlx_gdn.models import Model, ModelArgs, PRESETS
 from mlx_gdn.ops import gated_delta
-from mlx_gdn.train import loss_fn
+from mlx_gdn.train import compiled_update, loss_fn
 
 OURS = gdn_layer.gated_delta_rule
 
@@ -42,11 +42,13 @@ def step_stats(model, seq_len, repeats):
     ids = mx.array(np.random.default_rng(0).integers(0, model.args.vocab_size, (1, seq_len + 1)))
     args = (ids[:, :-1], ids[:, 1:], mx.ones((1, seq_len)))
     optimizer = optim.AdamW(1e-4)
+    optimizer.init(model.trainable_parameters())
+    update = compiled_update(model, optimizer, grad_clip=0.0)  # as train.py, without clipping (as fla's)
     value_and_grad = nn.value_and_grad(model, loss_fn)
 
     def step():
         loss, grads = value_and_grad(model, *args)
-        optimizer.update(model, grads)
+        update(grads)
         mx.eval(loss, model.parameters(), optimizer.state)
 
     step()  # warm-up

@@ -15,7 +15,7 @@ import mlx.optimizers as optim
 import mlx_gdn.layers.gated_deltanet as gdn_layer
 from bench_gpu import time_mlx
 from mlx_gdn.models import Model, ModelArgs, PRESETS
-from mlx_gdn.train import loss_fn
+from mlx_gdn.train import compiled_update, loss_fn
 
 
 def timed(out, name, fn, repeats=3):
@@ -36,10 +36,12 @@ def main():
     x, y, w = ids[:, :-1], ids[:, 1:], mx.ones((1, T))
     grad = nn.value_and_grad(model, loss_fn)
     opt = optim.AdamW(1e-4)
+    opt.init(model.trainable_parameters())
+    update = compiled_update(model, opt, grad_clip=0.0)
 
     def step():
         loss, grads = grad(model, x, y, w)
-        opt.update(model, grads)
+        update(grads)
         return loss, model.parameters(), opt.state
 
     out = {"preset": name, "T": T}
@@ -49,7 +51,8 @@ def main():
     timed(out, "value_and_grad", lambda: grad(model, x, y, w))
     grads = grad(model, x, y, w)[1]
     mx.eval(grads)
-    timed(out, "optimizer_update", lambda: (opt.update(model, grads), model.parameters(), opt.state)[1:])
+    timed(out, "optimizer_update", lambda: (update(grads), model.parameters(), opt.state)[1:])
+    timed(out, "optimizer_update_uncompiled", lambda: (opt.update(model, grads), model.parameters(), opt.state)[1:])
 
     block = model.model.layers[0]
     h = mx.random.normal((1, T, model.args.hidden_size)).astype(mx.bfloat16) * 0.1

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -65,6 +66,21 @@ def loss_fn(model, inputs, targets, weights, segments=None):
     logits = model(inputs, segments=segments)
     ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")
     return (ce * weights).sum() / mx.maximum(weights.sum(), 1.0)
+
+
+def compiled_update(model, optimizer, grad_clip):
+    """update(grads): gradient clipping and the optimizer step over every parameter as one compiled
+    graph (op by op, AdamW over gdn-0.4b's 517 M parameters took 27 ms on an H100). The optimizer's
+    state must exist (optimizer.init) before the first call."""
+    state = [model.state, optimizer.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def update(grads):
+        if grad_clip:
+            grads, _ = optim.clip_grad_norm(grads, grad_clip)
+        optimizer.update(model, grads)
+
+    return update
 
 
 def no_decay(path, _):
@@ -167,8 +183,10 @@ def train(cfg: TrainConfig, progress=True):
             (out / "log.jsonl").write_text("".join(kept))
     else:
         prepare(model, cfg)
+        optimizer.init(model.trainable_parameters())  # the compiled update reads and writes the state
     order = np.random.default_rng(cfg.seed).permutation(len(rows))
     value_and_grad = nn.value_and_grad(model, loss_fn)
+    clip_and_update = compiled_update(model, optimizer, cfg.grad_clip)
 
     def micro_batch(data, at, batch_order, share=True):
         return batch_at(data, batch_order, at, cfg.batch_size, *((rank, size) if share else (0, 1)))
@@ -194,8 +212,7 @@ def train(cfg: TrainConfig, progress=True):
             count = mx.maximum(count, 1.0)
             grads = tree_map(lambda g: g * (size / count).astype(g.dtype), nn.average_gradients(grads))
             loss = loss / count
-            grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
-            optimizer.update(model, grads)
+            clip_and_update(grads)
             mx.eval(model.parameters(), optimizer.state, loss)
             step += 1
             loss = loss.item()
