@@ -60,6 +60,7 @@ def main():
         layer = getattr(block, part)
         layer_grad = nn.value_and_grad(layer, lambda m, h: m(h).astype(mx.float32).square().sum())
         timed(out, f"block_{part}_fwdbwd", lambda: layer_grad(layer, h))
+    layer_parts(out, block.attn, h)
     head_grad = nn.value_and_grad(model, lambda m, h: loss_fn_head(m, h, y))
     timed(out, "loss_head_fwdbwd", lambda: head_grad(model, h))
 
@@ -72,6 +73,37 @@ def main():
     finally:
         gdn_layer.gated_delta_rule = real
     print(json.dumps(out))
+
+
+def layer_parts(out, layer, h):
+    """Forward + backward of the GDN layer's pieces around the op, each alone (input gradients)."""
+    B, T, _ = h.shape
+    q = layer.q_proj(h)
+    v = layer.v_proj(h)
+    o = mx.random.normal((B, T, layer.num_v_heads, layer.head_v_dim)).astype(h.dtype)
+    parts = {
+        "projections_qkvgab": lambda h: [p(h) for p in (layer.q_proj, layer.k_proj, layer.v_proj,
+                                                         layer.g_proj, layer.a_proj, layer.b_proj)],
+        "short_convs": lambda q, v: [layer.q_conv1d(q)[0], layer.k_conv1d(q)[0], layer.v_conv1d(v)[0]],
+        "gated_norm_and_o_proj": lambda o, h: layer.o_proj(
+            (layer.o_norm(o) * nn.silu(layer.g_proj(h).reshape(o.shape))).reshape(B, T, -1)),
+    }
+    heads = lambda x, n: x.reshape(B, T, n, -1)
+    parts["gdn_op"] = lambda q, k, v, a, b: gdn_layer.gated_delta_rule(
+        q, k, v, a, b, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=layer.A_log,
+        dt_bias=layer.dt_bias, use_beta_sigmoid_in_kernel=True)[0]
+    op_inputs = (heads(q, layer.num_heads), heads(layer.k_proj(h), layer.num_heads),
+                 heads(v, layer.num_v_heads), layer.a_proj(h), layer.b_proj(h))
+    inputs = {"projections_qkvgab": (h,), "short_convs": (q, v), "gated_norm_and_o_proj": (o, h),
+              "gdn_op": op_inputs}
+    for name, fn in parts.items():
+        xs = inputs[name]
+        loss = lambda *xs: sum(y.astype(mx.float32).square().sum() for y in _as_list(fn(*xs)))
+        timed(out, f"layer_{name}_fwdbwd", lambda: mx.grad(loss, argnums=list(range(len(xs))))(*xs))
+
+
+def _as_list(y):
+    return y if isinstance(y, list) else [y]
 
 
 def loss_fn_head(model, h, targets):
