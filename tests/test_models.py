@@ -136,21 +136,3 @@ def test_packed_rows_errors():
     ids = mx.zeros((1, 8), dtype=mx.int32)
     with pytest.raises(ValueError, match="shape"):
         make_model("gdn")(ids, segments=mx.zeros((1, 7), dtype=mx.int32))
-
-
-@pytest.mark.parametrize("masked,bias", [(False, False), (True, True)])
-def test_short_conv_vjp_matches_autodiff(masked, bias):
-    # the convolution's hand-written VJP against MLX's autodiff of its forward (packed-row masks, bias)
-    from mlx_gdn.layers import gated_deltanet as layer
-    rng = np.random.default_rng(3)
-    B, T, C, K = 2, 25, 12, 4
-    r = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32))
-    full, weight, dy = r(B, T + K - 1, C), r(C, 1, K), r(B, T, C)
-    b = r(C) if bias else mx.zeros((C,))
-    masks = [mx.array((rng.uniform(size=(B, T, 1)) > 0.3).astype(np.float32)) for _ in range(K - 1)]
-    masks = masks if masked else []
-    out, got = mx.vjp(lambda *xs: layer._conv_silu(*xs, *masks), [full, weight, b], [dy])
-    ref_out, ref = mx.vjp(lambda *xs: layer._conv_silu_forward(*xs, *masks), [full, weight, b], [dy])
-    assert rms_rel(np.array(ref_out[0]), np.array(out[0])) <= 1e-6
-    for name, a, g in zip(("full", "weight", "bias"), ref, got):
-        assert rms_rel(np.array(a), np.array(g)) <= 1e-6, name

@@ -42,66 +42,23 @@ class ShortConv(nn.Module):
             return nn.silu(out), full[:, 1:]
         masks = [segments.same(lag).astype(x.dtype) for lag in range(1, K)] if segments is not None else []
         bias = self.bias if "bias" in self else mx.zeros((x.shape[2],), dtype=x.dtype)
-        return _conv_silu(full, self.weight, bias, *masks), full[:, -(K - 1):]
+        return fused(_conv_taps_silu)(full, self.weight, bias, *masks), full[:, -(K - 1):]
 
 
-def _conv_taps(full, weight, bias, lag_masks):
-    """bias + sum_i full[t + i] w_i over the T = len(full) - (K - 1) outputs; lag_masks[l - 1] zeroes
-    the tap `l` tokens back where it crosses a document boundary (packed rows)."""
+def _conv_taps_silu(full, weight, bias, *lag_masks):
+    """silu(bias + sum_i full[t + i] w_i) over the T = len(full) - (K - 1) outputs; lag_masks[l - 1]
+    zeroes the tap `l` tokens back where it crosses a document boundary (packed rows). One compiled
+    kernel on a GPU (chunk.fused), not 2K + 2 launches."""
     K = weight.shape[-1]
     T = full.shape[1] - (K - 1)
-    z = bias
+    out = bias
     for i in range(K):  # tap i reads the input `lag` tokens back
         term = full[:, i:i + T] * weight[:, 0, i]
         lag = K - 1 - i
         if lag_masks and lag:
             term = term * lag_masks[lag - 1]
-        z = z + term
-    return z
-
-
-def _conv_silu_forward(full, weight, bias, *lag_masks):
-    return nn.silu(_conv_taps(full, weight, bias, lag_masks))
-
-
-def _conv_silu_backward(full, weight, bias, dy, *lag_masks):
-    """(dfull, dweight, dbias) of silu(_conv_taps): z recomputed, each tap's cotangent read back
-    through one padded copy of dz (strided slices: one fused kernel on a GPU, where MLX's autodiff of
-    the taps spent ~1.5 ms a convolution at 8192 tokens on an H100)."""
-    K = weight.shape[-1]
-    T = dy.shape[1]
-    z = _conv_taps(full, weight, bias, lag_masks)
-    s = mx.sigmoid(z)
-    dz = dy * (s * (1 + z * (1 - s)))
-    lagged = lambda x, i: x * lag_masks[K - 2 - i] if lag_masks and i < K - 1 else x
-    # tap i added full[t + i] w_i (masked) to z[t]: dfull[u] = sum_i w_i (m dz)[u - i]
-    pad = [(0, 0), (K - 1, K - 1), (0, 0)]
-    dzp = mx.pad(dz, pad)
-    masks = [mx.pad(m, pad) for m in lag_masks]
-    n = T + K - 1
-    dfull = 0
-    for i in range(K):
-        at = slice(K - 1 - i, K - 1 - i + n)
-        term = dzp[:, at] * weight[:, 0, i]
-        if masks and i < K - 1:
-            term = term * masks[K - 2 - i][:, at]
-        dfull = dfull + term
-    dweight = mx.stack([mx.sum(lagged(dz, i) * full[:, i:i + T], axis=(0, 1)) for i in range(K)], axis=-1)
-    dbias = mx.sum(dz, axis=(0, 1))
-    return dfull.astype(full.dtype), dweight[:, None, :].astype(weight.dtype), dbias.astype(bias.dtype)
-
-
-@mx.custom_function
-def _conv_silu(full, weight, bias, *lag_masks):
-    """silu(causal depthwise convolution) of `full` (the K - 1 previous inputs, then the T new ones)."""
-    return fused(_conv_silu_forward)(full, weight, bias, *lag_masks)
-
-
-@_conv_silu.vjp
-def _conv_silu_vjp(primals, cotangent, output):
-    full, weight, bias, *lag_masks = primals
-    grads = fused(_conv_silu_backward)(full, weight, bias, cotangent, *lag_masks)
-    return (*grads, *(mx.zeros_like(m) for m in lag_masks))
+        out = out + term
+    return nn.silu(out)
 
 
 class GatedDeltaNet(nn.Module):
