@@ -35,9 +35,6 @@ def parts(B, T, H, K, V, C=64):
     cots = [mx.ones_like(x) for x in prep()]
     out["prepare_vjp_ms"] = time_mlx(lambda: mx.vjp(
         lambda *xs: gated_delta._chunked_inputs(opt, C, None)(*xs, *params), [q, k, v, g, beta], cots)[1])
-    autodiff = chunk.fused(lambda *xs: [gated_delta._to_chunks(x, None, C, False)
-                                        for x in gated_delta._prepare(opt, *xs, *params)])
-    out["prepare_vjp_autodiff_ms"] = time_mlx(lambda: mx.vjp(autodiff, [q, k, v, g, beta], cots)[1])
     chunk.COMPILE = False
     out["prepare_uncompiled_ms"] = time_mlx(lambda: prep())
     chunk.COMPILE = True

@@ -70,10 +70,7 @@ def _check_inputs(q, k, v, g, beta, initial_state, A_log, dt_bias, use_gate_in_k
     return seqs
 
 
-L2_EPS = 1e-6
-
-
-def l2_normalize(x, eps=L2_EPS):
+def l2_normalize(x, eps=1e-6):
     return x * mx.rsqrt(mx.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
@@ -196,37 +193,13 @@ _chunked_fns = {}
 
 
 def _chunked_inputs(opt, C, seqs):
-    """(q, k, v, g, beta, A_log, dt_bias) -> the chunk-major inputs of chunk_gated_delta, with a
-    hand-written VJP (MLX's autodiff of the preparation took ~4x its forward on an H100). One function
-    per (options, C) for unpacked rows, so that chunk.fused compiles both directions once (packed
-    rows, whose gather indices depend on the sequences, are not compiled)."""
-    packed = seqs is not None
-    key = (opt.key, C)
-    if not packed and key in _chunked_fns:
-        return _chunked_fns[key]
-
-    def forward(*xs):
-        return [_to_chunks(x, seqs, C, packed) for x in _prepare(opt, *xs)]
-
-    def backward(*args):
-        primals, cotangents = args[:7], args[7:]
-        B, T = primals[0].shape[:2]
-        rows = [_from_chunks(x, seqs, T, B, packed) for x in cotangents]
-        return _prepare_vjp(opt, primals, rows[:3] + [x[..., 0] for x in rows[3:]])
-
-    forward_fn, backward_fn = (forward, backward) if packed else (fused(forward), fused(backward))
-
-    @mx.custom_function
-    def chunked(q, k, v, g, beta, A_log, dt_bias):
-        return forward_fn(q, k, v, g, beta, A_log, dt_bias)
-
-    @chunked.vjp
-    def chunked_vjp(primals, cotangents, outputs):
-        return tuple(backward_fn(*primals, *cotangents))
-
-    if not packed:
-        _chunked_fns[key] = chunked
-    return chunked
+    """(q, k, v, g, beta, A_log, dt_bias) -> the chunk-major inputs of chunk_gated_delta: one function
+    per (options, C) for unpacked rows, so that chunk.fused compiles it once (packed rows, whose
+    gather indices depend on the sequences, are not compiled)."""
+    prepare = lambda *xs: [_to_chunks(x, seqs, C, seqs is not None) for x in _prepare(opt, *xs)]
+    if seqs is not None:
+        return prepare
+    return fused(_chunked_fns.setdefault((opt.key, C), prepare))
 
 
 def _prepare(opt, q, k, v, g, beta, A_log, dt_bias):
@@ -245,40 +218,6 @@ def _prepare(opt, q, k, v, g, beta, A_log, dt_bias):
     if group > 1:
         q, k = mx.repeat(q, group, axis=2), mx.repeat(k, group, axis=2)
     return q, k, v, g, beta
-
-
-def _prepare_vjp(opt, primals, cotangents):
-    """The VJP of _prepare: cotangents of its float32 outputs [B, T, HV, ...] -> those of its inputs."""
-    q, k, v, g, beta, A_log, dt_bias = primals
-    dq, dk, dv, dg, dbeta = cotangents
-    group = v.shape[2] // q.shape[2]
-    if group > 1:  # the repeat's cotangent sums each value-head group
-        dq, dk = (x.reshape(*q.shape[:3], group, q.shape[3]).sum(axis=3) for x in (dq, dk))
-    dq = dq * opt.scale
-    if opt.l2norm:  # y = x r, r = rsqrt(|x|^2 + eps): dx = r (dy - y <y, dy>)
-        dq, dk = _l2_normalize_vjp(q, dq), _l2_normalize_vjp(k, dk)
-    if opt.neg_eigval:
-        dbeta = dbeta * 2.0
-    if opt.beta_sigmoid:
-        s = mx.sigmoid(beta.astype(mx.float32))
-        dbeta = dbeta * s * (1.0 - s)
-    dA_log, ddt_bias = mx.zeros_like(A_log), mx.zeros_like(dt_bias)
-    if opt.gate:  # g = -e^A_log softplus(x), x = a + dt_bias, softplus(x) = x above 20
-        bias = dt_bias if opt.has_dt_bias else None
-        dA_log = mx.sum(dg * gate_from_parameters(g.astype(mx.float32), A_log, bias), axis=(0, 1))
-        x = g.astype(mx.float32) + (dt_bias if opt.has_dt_bias else 0.0)
-        dg = dg * -mx.exp(A_log) * mx.where(x > 20.0, 1.0, mx.sigmoid(x))
-        if opt.has_dt_bias:
-            ddt_bias = mx.sum(dg, axis=(0, 1))
-    grads = [x.astype(p.dtype) for x, p in zip((dq, dk, dv, dg, dbeta), (q, k, v, g, beta))]
-    return grads + [dA_log, ddt_bias]
-
-
-def _l2_normalize_vjp(x, dy, eps=L2_EPS):
-    x = x.astype(mx.float32)
-    r = mx.rsqrt(mx.sum(x * x, axis=-1, keepdims=True) + eps)
-    y = x * r
-    return r * (dy - y * mx.sum(y * dy, axis=-1, keepdims=True))
 
 
 def _recurrent_ops(opt, q, k, v, g, beta, h0, A_log, dt_bias):
