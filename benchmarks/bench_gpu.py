@@ -14,9 +14,19 @@ import time
 import mlx.core as mx
 import numpy as np
 
+from mlx_gdn.models import Model, ModelArgs, PRESETS
 from mlx_gdn.ops import gated_delta_rule, kernels
 
 SHAPES = [(1, 8192, 16, 128), (4, 4096, 16, 128), (8, 2048, 32, 128)]
+
+
+def random_model(preset, dtype=mx.bfloat16):
+    """A preset with random weights (seed 0) in `dtype`, evaluated."""
+    mx.random.seed(0)
+    model = Model(ModelArgs(**PRESETS[preset]))
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model
 
 
 def time_mlx(fn, repeats=10, warmup=3):

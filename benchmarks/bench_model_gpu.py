@@ -19,9 +19,10 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
+from bench_gpu import random_model
 from mlx_gdn.convert import fla_config
 from mlx_gdn.generate import generate_tokens
-from mlx_gdn.models import Model, ModelArgs, PRESETS
+from mlx_gdn.models import ModelArgs, PRESETS
 from mlx_gdn.train import compiled_update, loss_fn
 
 HBM_BYTES_S = 3.35e12  # H100 SXM
@@ -36,10 +37,7 @@ def seconds(fn, repeats=3):
 
 
 def bench_ours(name, args, ids):
-    mx.random.seed(0)
-    model = Model(ModelArgs(**PRESETS[name]))
-    model.set_dtype(mx.bfloat16)
-    mx.eval(model.parameters())
+    model = random_model(name)
     params = sum(v.size for _, v in tree_flatten(model.parameters()))
     row = {"params_M": params / 1e6, "roofline_tok_s": HBM_BYTES_S / (2 * params)}
     prompt = mx.array(ids)

@@ -9,18 +9,14 @@ import sys
 
 import mlx.core as mx
 
-from bench_gpu import time_mlx
-from mlx_gdn.models import Model, ModelArgs, PRESETS
+from bench_gpu import random_model, time_mlx
 from mlx_gdn.ops import gated_delta_rule
 
 
 def main():
     name = sys.argv[1] if len(sys.argv) > 1 else "gdn-1.3b"
     T = int(sys.argv[2]) if len(sys.argv) > 2 else 8192
-    mx.random.seed(0)
-    model = Model(ModelArgs(**PRESETS[name]))
-    model.set_dtype(mx.bfloat16)
-    mx.eval(model.parameters())
+    model = random_model(name)
     ids = mx.random.randint(0, model.args.vocab_size, (1, T))
     out = {"preset": name, "T": T, "model_ms": time_mlx(lambda: model(ids), repeats=3)}
     block = model.model.layers[0]

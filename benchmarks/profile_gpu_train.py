@@ -13,8 +13,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 
 import mlx_gdn.layers.gated_deltanet as gdn_layer
-from bench_gpu import time_mlx
-from mlx_gdn.models import Model, ModelArgs, PRESETS
+from bench_gpu import random_model, time_mlx
 from mlx_gdn.train import compiled_update, loss_fn
 
 
@@ -28,10 +27,7 @@ def timed(out, name, fn, repeats=3):
 def main():
     name = sys.argv[1] if len(sys.argv) > 1 else "gdn-0.4b"
     T = int(sys.argv[2]) if len(sys.argv) > 2 else 8192
-    mx.random.seed(0)
-    model = Model(ModelArgs(**PRESETS[name]))
-    model.set_dtype(mx.bfloat16)
-    mx.eval(model.parameters())
+    model = random_model(name)
     ids = mx.random.randint(0, model.args.vocab_size, (1, T + 1))
     x, y, w = ids[:, :-1], ids[:, 1:], mx.ones((1, T))
     grad = nn.value_and_grad(model, loss_fn)
