@@ -3,6 +3,7 @@ benchmarks print ratios; this only keeps the scripts in step with the library)."
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +33,16 @@ def test_benchmark_script_runs(script, tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads((tmp_path / "out.json").read_text())
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit, no GPU)")
+def test_cuda_resource_usage_compiles_every_chunk_kernel():
+    # the CUDA prelude plus each chunk kernel body compiles for sm_90 as mx.fast.cuda_kernel would
+    cases = {"chunk_pieces": "K=100 V=60 C=64 THREADS=256 KC=32 CS=68 QS=36 TS=68",
+             "chunk_scan_mma": "K=128 V=128 C=64 N=4 R=2 THREADS=512 BV=16 CB=32 KS=4 REVERSE=true "
+                               "HAS_Y=true AST=132 BST=36 HST=24",
+             "chunk_scan": "K=200 V=400 C=64 N=4 R=2 THREADS=256 BV=16 CB=16 REVERSE=false HAS_Y=false"}
+    for name, template in cases.items():
+        run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cuda_resource_usage.py"), name,
+                              *template.split()], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0 and "registers" in run.stdout, run.stdout + run.stderr
