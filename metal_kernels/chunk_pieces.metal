@@ -52,9 +52,9 @@ for (int kc = 0; kc < K; kc += KC) {
   threadgroup_barrier(mem_flags::mem_threadgroup);  // the previous block's products are done
   for (int e = (int)tid; e < C * KC; e += THREADS) {
     const int c = e / KC, j = e % KC;
-    const bool in = kc + j < K;
-    const float kv = in ? k[(g0 + c) * K + kc + j] : 0.0f;
-    x_s[QOFF + c * QS + j] = in ? q[(g0 + c) * K + kc + j] : 0.0f;
+    const bool inside = kc + j < K;
+    const float kv = inside ? k[(g0 + c) * K + kc + j] : 0.0f;
+    x_s[QOFF + c * QS + j] = inside ? q[(g0 + c) * K + kc + j] : 0.0f;
     x_s[KOFF + c * QS + j] = kv;
     x_s[TOFF + j * TS + c] = kv;
   }
