@@ -72,8 +72,8 @@ __device__ inline void simdgroup_multiply_accumulate(simdgroup_float8x8& d, cons
   double d0 = c.c[0], d1 = c.c[1];
   for (int half = 0; half < 2; ++half) {
     asm("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
-                 : "+d"(d0), "+d"(d1)
-                 : "d"((double)a.a[half]), "d"((double)b.b[half]));
+        : "+d"(d0), "+d"(d1)
+        : "d"((double)a.a[half]), "d"((double)b.b[half]));
   }
   d.c[0] = d0;
   d.c[1] = d1;

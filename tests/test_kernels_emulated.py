@@ -185,15 +185,7 @@ def test_emulator_catches_a_missing_barrier():
     {BARRIER}
     out[i] = shared[1 - i];
     """
-    kern = EmulatedKernel("barrier_probe", ["x"], ["out"],
-                          body.replace("{BARRIER}", "threadgroup_barrier(mem_flags::mem_threadgroup);"))
-    out = kern(inputs=[mx.zeros((2,))], output_shapes=[(2,)], output_dtypes=[mx.float32],
-               grid=(2, 1, 1), threadgroup=(2, 1, 1))[0]
-    assert out.tolist() == [2.0, 1.0]
-    kern = EmulatedKernel("barrier_probe", ["x"], ["out"], body.replace("{BARRIER}", ""))
-    with pytest.raises(RuntimeError, match="race"):
-        kern(inputs=[mx.zeros((2,))], output_shapes=[(2,)], output_dtypes=[mx.float32],
-             grid=(2, 1, 1), threadgroup=(2, 1, 1))
+    check_race_probe("barrier_probe", body, threads=2, want=[2.0, 1.0])
 
 
 def test_emulator_catches_a_race_within_a_simd_group():
@@ -218,14 +210,18 @@ def test_emulator_catches_a_race_within_a_simd_group():
     simdgroup_multiply_accumulate(r, low, s, r);
     simdgroup_store(r, &out[0], 8);
     """
-    shapes = dict(output_shapes=[(64,)], output_dtypes=[mx.float32], grid=(32, 1, 1), threadgroup=(32, 1, 1))
-    kern = EmulatedKernel("simd_race_probe", ["x"], ["out"],
-                          body.replace("{BARRIER}", "threadgroup_barrier(mem_flags::mem_threadgroup);"))
     want = [(r + 1) * (r + 2) / 2 for r in range(8) for _ in range(8)]  # L (L 1) = L [row + 1]
-    assert kern(inputs=[mx.zeros((1,))], **shapes)[0].tolist() == want
-    kern = EmulatedKernel("simd_race_probe", ["x"], ["out"], body.replace("{BARRIER}", ""))
+    check_race_probe("simd_race_probe", body, threads=32, want=want)
+
+
+def check_race_probe(name, body, threads, want):
+    """`body` with its {BARRIER}s in place gives `want`; without them the emulator reports a race."""
+    run = lambda barrier: EmulatedKernel(name, ["x"], ["out"], body.replace("{BARRIER}", barrier))(
+        inputs=[mx.zeros((1,))], output_shapes=[(len(want),)], output_dtypes=[mx.float32],
+        grid=(threads, 1, 1), threadgroup=(threads, 1, 1))[0]
+    assert run("threadgroup_barrier(mem_flags::mem_threadgroup);").tolist() == want
     with pytest.raises(RuntimeError, match="race"):
-        kern(inputs=[mx.zeros((1,))], **shapes)
+        run("")
 
 
 def test_emulator_reports_barrier_divergence():
