@@ -4,7 +4,7 @@ profiler, and prints each one's time (run on the device):
     ncu --kernel-name regex:pieces --launch-skip 2 --launch-count 1 --set full \\
         python3 benchmarks/run_kernels_once.py [B T H D [KERNEL THREADS]]
 
-KERNEL: the scan kernel, mma (chunk_scan_mma.metal) or simt (chunk_scan.metal).
+D: the head size, or KxV (e.g. 200x400). KERNEL: the scan kernel, mma (chunk_scan_mma.metal) or simt (chunk_scan.metal).
 """
 
 import sys
@@ -25,26 +25,28 @@ def timed(name, fn, runs=4):
 
 
 def main():
-    B, T, H, D = (int(x) for x in sys.argv[1:5]) if len(sys.argv) > 4 else (1, 8192, 16, 128)
+    B, T, H, D = sys.argv[1:5] if len(sys.argv) > 4 else (1, 8192, 16, "128")
+    B, T, H = int(B), int(T), int(H)
+    K, V = (int(x) for x in D.split("x")) if "x" in D else (int(D), int(D))
     if len(sys.argv) > 6:
         kernels.SCAN_KERNEL = sys.argv[5]
         kernels.SCAN_THREADS = kernels.MMA_SCAN_THREADS = int(sys.argv[6])
     C, N = 64, T // 64
     mx.random.seed(0)
-    W = mx.random.normal((N * B, H, C, D)) * 0.05
-    U = mx.random.normal((N * B, H, C, D))
-    Kt = mx.random.normal((N * B, H, C, D)) * 0.05
+    W = mx.random.normal((N * B, H, C, K)) * 0.05
+    U = mx.random.normal((N * B, H, C, V))
+    Kt = mx.random.normal((N * B, H, C, K)) * 0.05
     decay = mx.full((N * B, H, 1, 1), 0.9)
-    h0 = mx.zeros((B, H, D, D))
-    QdO = mx.zeros((N * B, H, D, D))  # the reverse scan's per-chunk [K, V] term
-    q, k = mx.random.normal((N * B, H, C, D)) * 0.1, mx.random.normal((N * B, H, C, D)) * 0.1
+    h0 = mx.zeros((B, H, K, V))
+    QdO = mx.zeros((N * B, H, K, V))  # the reverse scan's per-chunk [K, V] term
+    q, k = mx.random.normal((N * B, H, C, K)) * 0.1, mx.random.normal((N * B, H, C, K)) * 0.1
     gamma = -mx.cumsum(mx.random.uniform(shape=(N * B, H, C, 1)) * 0.1, axis=-2)
     beta = mx.random.uniform(shape=(N * B, H, C, 1))
     mx.eval(W, U, Kt, q, k, gamma, beta)
     timed("chunk_pieces", lambda: kernels.chunk_pieces(q, k, U, gamma, beta))
     timed("scan_forward", lambda: kernels.scan_forward(W, U, Kt, decay, h0, ((0, N),)))
     timed("scan_backward", lambda: kernels.scan_backward(U, QdO, Kt, W, decay, h0, ((0, N),)))
-    print("backend", kernels.backend())
+    print("backend", kernels.backend(), "scan", kernels.SCAN_KERNEL)
 
 
 if __name__ == "__main__":

@@ -7,172 +7,274 @@
 //
 // Grid (THREADS, ceil(V / BV), R), threadgroup (THREADS, 1, 1): one threadgroup per (row r = b * HV + head,
 // tile of BV value columns). The K x BV state tile lives in registers (for the update) and in
-// threadgroup memory (for the product A h, which needs whole columns); both products are register
-// tiles of 4 value columns per thread, so each matrix element read feeds 4 multiply-adds. A and B
-// are staged CB chunk rows at a time into threadgroup memory by all threads at once (every load in
-// flight together): read one by one from device memory, each would wait out its own latency.
-// The product A h has only CB x BV / 4 register tiles per stage; when threads outnumber them, the
-// k sum is split KS ways and the partial sums meet in threadgroup memory, so every thread works
-// (the scan is latency-bound: one warp per scheduler issued an instruction every 4.5 cycles on an
-// H200; more warps hide that latency).
-// Template: K, V, C, N (chunks), R, THREADS, BV (a multiple of 4 dividing 4 * THREADS), CB (rows per stage, divides
-// C), REVERSE, HAS_Y.
+// threadgroup memory (for the product A h, which needs whole columns). Both products work on 4 x 4
+// register tiles read as float4 from threadgroup memory (two 16-byte reads feed 16 multiply-adds).
+// A and B are staged CB chunk rows at a time: A transposed, so that a float4 holds 4 of its rows at
+// one column; B as it is. The stages run as one sequence (per chunk C / CB stages of A, then of B),
+// and the next stage's rows (and X) are fetched into registers while the current one computes: they
+// do not depend on h, so global-memory latency stays off the sequential path. The product A h has
+// only (CB / 4) x (BV / 4) tiles a stage; when threads outnumber them, the k sum is split KS ways
+// (short dependent chains) and the partial sums meet in threadgroup memory.
+// Template: K, V, C, N (chunks), R, THREADS, BV (a multiple of 4 dividing 4 * THREADS), CB (rows per
+// stage, a multiple of 4 dividing C), REVERSE, HAS_Y.
 // Inputs: A, Bm [N,R,C,K]; X [N,R,C,V]; Y [N,R,K,V] (read only if HAS_Y); decay [N,R];
 // h_in [S*R,K,V]; seg_start, seg_end [N] int32.
 // Outputs: states [N,R,K,V] (the state entering chunk n, in scan order); x_new [N,R,C,V];
 // h_out [S*R,K,V].
-constexpr int VG = BV / 4;                      // column groups of 4 per tile
-constexpr int GROUPS = THREADS / VG;            // row groups (k for the update, c for the product)
-constexpr int KPT = (K + GROUPS - 1) / GROUPS;  // state rows k per thread
-constexpr int TILES = CB * VG;                  // register tiles (row, 4 columns) of A h per stage
+constexpr int VG = BV / 4;                          // column groups of 4 per tile
+constexpr int KG = (K + 3) / 4;                     // row groups of 4 of the state (the last padded)
+constexpr int RG = CB / 4;                          // row groups of 4 of a stage
+constexpr int SLOTS = THREADS / VG;                 // update: threads per column group
+constexpr int KGPT = (KG + SLOTS - 1) / SLOTS;      // update: row groups per thread
+constexpr int TILES = RG * VG;                      // 4 x 4 tiles of A h per stage
 constexpr int KS = THREADS > TILES ? THREADS / TILES : 1;  // ways the k sum is split
-constexpr int KSPAN = (K + KS - 1) / KS;         // k per split
+constexpr int KSPAN = (K + KS - 1) / KS;            // k per split
 constexpr int TPT = (TILES * KS + THREADS - 1) / THREADS;  // (tile, split) items per thread
-constexpr int LPT = (CB * K + THREADS - 1) / THREADS;  // staged elements per thread
-constexpr int AS = CB + 1;                      // padded stride of the transposed A stage
+constexpr int APT = (K * RG + THREADS - 1) / THREADS;      // staged A items (k, row group) per thread
+constexpr int BPT = (CB * KG + THREADS - 1) / THREADS;     // staged B items (row, k group) per thread
+constexpr int SPT = APT > BPT ? APT : BPT;
+constexpr int XPT = (CB * VG + THREADS - 1) / THREADS;     // x items (row, column group) per thread
+constexpr int STAGES = C / CB;                      // stages of each product per chunk
 constexpr float SIGN = REVERSE ? 1.0f : -1.0f;
-threadgroup float h_s[K * BV];
-threadgroup float x_s[C * BV];
-threadgroup float m_s[K * AS];
-threadgroup float p_s[KS * CB * BV];            // partial sums of A h, one set per k split
+threadgroup float4 h_s[KG * 4 * VG];                // h_s[k * VG + cg]: state row k, columns 4 cg ...
+threadgroup float4 x_s[C * VG];                     // x_s[c * VG + cg]
+threadgroup float4 m_s[KG * 4 * RG];                // A: m_s[k * RG + rg], rows 4 rg ...; B: m_s[c * KG + kg]
+threadgroup float4 p_s[KS * CB * VG];               // partial sums of A h, one set per k split
 const uint tid = thread_position_in_threadgroup.x;
 const uint r = threadgroup_position_in_grid.z;
-const int col = (int)(tid % VG) * 4;           // first of this thread's 4 columns within the tile
-const int v0 = (int)threadgroup_position_in_grid.y * BV + col;
-const int grp = (int)(tid / VG);
-float h[KPT][4];
-float staged[LPT];
-for (int step = 0; step < N; ++step) {
+const int cg = (int)(tid % VG);                     // update: this thread's column group
+const int vt = (int)threadgroup_position_in_grid.y * BV;  // first value column of the tile
+const int v0 = vt + 4 * cg;
+const int slot = (int)(tid / VG);
+float h[KGPT][4][4];  // update: rows 4 (slot + SLOTS i) + a, columns v0 + j
+float staged[SPT][4];  // the next stage's items of A or B
+float xs[XPT][4];      // the next stage's items of X
+const int total = N * 2 * STAGES;
+// stage it of the scan: chunk step it / (2 STAGES); its first STAGES stages multiply by A, the
+// others update with B. it = -1 only fetches the first stage.
+for (int it = -1; it < total; ++it) {
+  const int step = it < 0 ? 0 : it / (2 * STAGES);
+  const int s = it < 0 ? 0 : it % (2 * STAGES);
   const int n = REVERSE ? N - 1 - step : step;
   const uint nr = n * R + r;
-  if (seg_start[n] >= 0) {
-    const uint base = (seg_start[n] * R + r) * K;
-    for (int i = 0; i < KPT; ++i) {
-      const int k = grp + GROUPS * i;
+  float x_cur[XPT][4];
+  if (it >= 0) {
+    if (s == 0) {
+      if (seg_start[n] >= 0) {
+        const uint base = (seg_start[n] * R + r) * K;
+        for (int i = 0; i < KGPT; ++i) {
+          for (int a = 0; a < 4; ++a) {
+            const int k = 4 * (slot + SLOTS * i) + a;
+            for (int j = 0; j < 4; ++j) {
+              h[i][a][j] = k < K && v0 + j < V ? h_in[(base + k) * V + v0 + j] : 0.0f;
+            }
+            float4 t;
+            t.x = h[i][a][0];
+            t.y = h[i][a][1];
+            t.z = h[i][a][2];
+            t.w = h[i][a][3];
+            if (k < K) {
+              h_s[k * VG + cg] = t;
+            }
+          }
+        }
+      }
+      for (int i = 0; i < KGPT; ++i) {
+        for (int a = 0; a < 4; ++a) {
+          const int k = 4 * (slot + SLOTS * i) + a;
+          for (int j = 0; j < 4; ++j) {
+            if (k < K && v0 + j < V) {
+              states[(nr * K + k) * V + v0 + j] = h[i][a][j];
+            }
+          }
+        }
+      }
+    }
+    if (s == STAGES) {  // every product with h is done: h = decay h + Y (this thread's rows)
+      const float d = decay[nr];
+      for (int i = 0; i < KGPT; ++i) {
+        for (int a = 0; a < 4; ++a) {
+          const int k = 4 * (slot + SLOTS * i) + a;
+          for (int j = 0; j < 4; ++j) {
+            float y = 0.0f;
+            if (HAS_Y && k < K && v0 + j < V) {
+              y = Y[(nr * K + k) * V + v0 + j];
+            }
+            h[i][a][j] = d * h[i][a][j] + y;
+          }
+        }
+      }
+    }
+    // the current stage into threadgroup memory
+    for (int p = 0; p < SPT; ++p) {
+      const int e = (int)tid + THREADS * p;
+      if (e < (s < STAGES ? K * RG : CB * KG)) {
+        float4 t;
+        t.x = staged[p][0];
+        t.y = staged[p][1];
+        t.z = staged[p][2];
+        t.w = staged[p][3];
+        m_s[s < STAGES ? (e % K) * RG + e / K : e] = t;
+      }
+    }
+    for (int p = 0; p < XPT; ++p) {
       for (int j = 0; j < 4; ++j) {
-        const bool inside = k < K && v0 + j < V;
-        h[i][j] = inside ? h_in[(base + k) * V + v0 + j] : 0.0f;
-        if (k < K) {
-          h_s[k * BV + col + j] = h[i][j];
+        x_cur[p][j] = xs[p][j];
+      }
+    }
+  }
+  {  // fetch the next stage: A as (k, row group) items, consecutive lanes at consecutive k
+     // (coalesced), so that a float4 holds 4 rows at one column; B as (row, k group) items; and X
+    const int it2 = it + 1;
+    const int s2 = it2 % (2 * STAGES);
+    const int n2 = REVERSE ? N - 1 - it2 / (2 * STAGES) : it2 / (2 * STAGES);
+    if (it2 < total) {
+      const int c2 = (s2 % STAGES) * CB;
+      const uint base = ((uint)(n2 * R + r) * C + c2) * K;
+      if (s2 < STAGES) {
+        for (int p = 0; p < SPT; ++p) {
+          const int e = (int)tid + THREADS * p;
+          const int k = e % K, rg = e / K;
+          for (int a = 0; a < 4; ++a) {
+            staged[p][a] = e < K * RG ? A[base + (4 * rg + a) * K + k] : 0.0f;
+          }
+        }
+        for (int p = 0; p < XPT; ++p) {
+          const int e = (int)tid + THREADS * p;
+          const int c = c2 + e / VG, g = e % VG;
+          for (int j = 0; j < 4; ++j) {
+            const int v = vt + 4 * g + j;
+            xs[p][j] = e < CB * VG && v < V ? X[((uint)(n2 * R + r) * C + c) * V + v] : 0.0f;
+          }
+        }
+      } else {
+        for (int p = 0; p < SPT; ++p) {
+          const int e = (int)tid + THREADS * p;
+          const int cc = e / KG, kg = e % KG;
+          for (int a = 0; a < 4; ++a) {
+            staged[p][a] = e < CB * KG && 4 * kg + a < K ? Bm[base + cc * K + 4 * kg + a] : 0.0f;
+          }
         }
       }
     }
   }
-  for (int i = 0; i < KPT; ++i) {
-    const int k = grp + GROUPS * i;
-    for (int j = 0; j < 4; ++j) {
-      if (k < K && v0 + j < V) {
-        states[(nr * K + k) * V + v0 + j] = h[i][j];
-      }
-    }
+  if (it < 0) {
+    continue;
   }
-  // x = X + s A h, CB rows at a time: A's rows staged transposed, m_s[k * AS + cc].
-  for (int c0 = 0; c0 < C; c0 += CB) {
-    const uint a0 = (nr * C + c0) * K;
-    for (int p = 0; p < LPT; ++p) {
-      const int e = (int)tid + THREADS * p;
-      staged[p] = e < CB * K ? A[a0 + e] : 0.0f;
-    }
-    for (int p = 0; p < LPT; ++p) {
-      const int e = (int)tid + THREADS * p;
-      if (e < CB * K) {
-        m_s[(e % K) * AS + e / K] = staged[p];
-      }
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    // item = split * TILES + tile: a warp's lanes share the split and walk (row, 4 columns) tiles
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (s < STAGES) {
+    // x = X + s A h for rows c0 ... c0 + CB. item = split * TILES + tile: a warp's lanes share the
+    // split and walk the tiles
+    const int c0 = s * CB;
     for (int i = 0; i < TPT; ++i) {
       const int item = (int)tid + THREADS * i;
       if (item < TILES * KS) {
         const int tile = item % TILES;
-        const int cc = tile / VG;
-        const int tc = (tile % VG) * 4;
+        const int rg = tile / VG, tc = tile % VG;
         const int k0 = (item / TILES) * KSPAN;
         const int k1 = k0 + KSPAN < K ? k0 + KSPAN : K;
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int k = k0; k < k1; ++k) {
-          const float a = m_s[k * AS + cc];
+        float acc[4][4];
+        for (int a = 0; a < 4; ++a) {
           for (int j = 0; j < 4; ++j) {
-            acc[j] += a * h_s[k * BV + tc + j];
+            acc[a][j] = 0.0f;
           }
         }
-        for (int j = 0; j < 4; ++j) {
-          p_s[(item / TILES * CB + cc) * BV + tc + j] = acc[j];
+        for (int k = k0; k < k1; ++k) {
+          const float4 av = m_s[k * RG + rg];
+          const float4 hv = h_s[k * VG + tc];
+          const float ar[4] = {av.x, av.y, av.z, av.w};
+          const float hr[4] = {hv.x, hv.y, hv.z, hv.w};
+          for (int a = 0; a < 4; ++a) {
+            for (int j = 0; j < 4; ++j) {
+              acc[a][j] += ar[a] * hr[j];
+            }
+          }
+        }
+        for (int a = 0; a < 4; ++a) {
+          float4 t;
+          t.x = acc[a][0];
+          t.y = acc[a][1];
+          t.z = acc[a][2];
+          t.w = acc[a][3];
+          p_s[((item / TILES) * CB + 4 * rg + a) * VG + tc] = t;
         }
       }
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    for (int e = (int)tid; e < CB * BV; e += THREADS) {
-      const int c = c0 + e / BV;
-      const int v = (int)threadgroup_position_in_grid.y * BV + e % BV;
-      float acc = 0.0f;
-      for (int ks = 0; ks < KS; ++ks) {
-        acc += p_s[ks * CB * BV + e];
-      }
-      const bool inside = v < V;
-      const float x = inside ? X[(nr * C + c) * V + v] + SIGN * acc : 0.0f;
-      x_s[c * BV + e % BV] = x;
-      if (inside) {
-        x_new[(nr * C + c) * V + v] = x;
-      }
-    }
-  }
-  // h' = decay h + Y - s B^T x on this thread's rows k = grp + GROUPS * i; B staged as is.
-  const float d = decay[nr];
-  for (int i = 0; i < KPT; ++i) {
-    const int k = grp + GROUPS * i;
-    for (int j = 0; j < 4; ++j) {
-      float y = 0.0f;
-      if (HAS_Y && k < K && v0 + j < V) {
-        y = Y[(nr * K + k) * V + v0 + j];
-      }
-      h[i][j] = d * h[i][j] + y;
-    }
-  }
-  for (int c0 = 0; c0 < C; c0 += CB) {
-    const uint b0 = (nr * C + c0) * K;
-    for (int p = 0; p < LPT; ++p) {
+    for (int p = 0; p < XPT; ++p) {
       const int e = (int)tid + THREADS * p;
-      staged[p] = e < CB * K ? Bm[b0 + e] : 0.0f;
-    }
-    for (int p = 0; p < LPT; ++p) {
-      const int e = (int)tid + THREADS * p;
-      if (e < CB * K) {
-        m_s[e] = staged[p];
+      if (e < CB * VG) {
+        const int c = c0 + e / VG, g = e % VG;
+        float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int ks = 0; ks < KS; ++ks) {
+          const float4 t = p_s[(ks * CB + e / VG) * VG + g];
+          sum[0] += t.x;
+          sum[1] += t.y;
+          sum[2] += t.z;
+          sum[3] += t.w;
+        }
+        float x[4];
+        for (int j = 0; j < 4; ++j) {
+          const int v = vt + 4 * g + j;
+          x[j] = v < V ? x_cur[p][j] + SIGN * sum[j] : 0.0f;
+          if (v < V) {
+            x_new[(nr * C + c) * V + v] = x[j];
+          }
+        }
+        float4 t;
+        t.x = x[0];
+        t.y = x[1];
+        t.z = x[2];
+        t.w = x[3];
+        x_s[c * VG + g] = t;
       }
     }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
+  } else {
+    // h' -= s B^T x for rows c0 ... c0 + CB, on this thread's rows
+    const int c0 = (s - STAGES) * CB;
     for (int cc = 0; cc < CB; ++cc) {
-      float xc[4];
-      for (int j = 0; j < 4; ++j) {
-        xc[j] = x_s[(c0 + cc) * BV + col + j];
-      }
-      for (int i = 0; i < KPT; ++i) {
-        const int k = grp + GROUPS * i;
-        const float b = k < K ? m_s[cc * K + k] : 0.0f;
-        for (int j = 0; j < 4; ++j) {
-          h[i][j] -= SIGN * b * xc[j];
+      const float4 xv = x_s[(c0 + cc) * VG + cg];
+      const float xr[4] = {-SIGN * xv.x, -SIGN * xv.y, -SIGN * xv.z, -SIGN * xv.w};
+      for (int i = 0; i < KGPT; ++i) {
+        const int kg = slot + SLOTS * i;
+        if (kg < KG) {
+          const float4 bv = m_s[cc * KG + kg];
+          const float br[4] = {bv.x, bv.y, bv.z, bv.w};
+          for (int a = 0; a < 4; ++a) {
+            for (int j = 0; j < 4; ++j) {
+              h[i][a][j] += br[a] * xr[j];
+            }
+          }
         }
       }
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
-  }
-  // h_s is read again only after the next stage's barrier
-  for (int i = 0; i < KPT; ++i) {
-    const int k = grp + GROUPS * i;
-    for (int j = 0; j < 4; ++j) {
-      if (k < K) {
-        h_s[k * BV + col + j] = h[i][j];
+    if (s == 2 * STAGES - 1) {
+      // h_s is read again only after the next stage's barrier
+      for (int i = 0; i < KGPT; ++i) {
+        for (int a = 0; a < 4; ++a) {
+          const int k = 4 * (slot + SLOTS * i) + a;
+          float4 t;
+          t.x = h[i][a][0];
+          t.y = h[i][a][1];
+          t.z = h[i][a][2];
+          t.w = h[i][a][3];
+          if (k < K) {
+            h_s[k * VG + cg] = t;
+          }
+        }
       }
-    }
-  }
-  if (seg_end[n] >= 0) {
-    const uint base = (seg_end[n] * R + r) * K;
-    for (int i = 0; i < KPT; ++i) {
-      const int k = grp + GROUPS * i;
-      for (int j = 0; j < 4; ++j) {
-        if (k < K && v0 + j < V) {
-          h_out[(base + k) * V + v0 + j] = h[i][j];
+      if (seg_end[n] >= 0) {
+        const uint base = (seg_end[n] * R + r) * K;
+        for (int i = 0; i < KGPT; ++i) {
+          for (int a = 0; a < 4; ++a) {
+            const int k = 4 * (slot + SLOTS * i) + a;
+            for (int j = 0; j < 4; ++j) {
+              if (k < K && v0 + j < V) {
+                h_out[(base + k) * V + v0 + j] = h[i][a][j];
+              }
+            }
+          }
         }
       }
     }

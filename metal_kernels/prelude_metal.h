@@ -3,6 +3,7 @@
 //   thread_position_in_grid / _in_threadgroup, threadgroup_position_in_grid, threads_per_threadgroup
 //   (uint3), thread_index_in_simdgroup, simdgroup_index_in_threadgroup (uint);
 //   `threadgroup T name[N];` declarations; threadgroup_barrier(mem_flags::mem_threadgroup);
+//   float4 as a plain record: threadgroup arrays and locals of it, whole copies, .x .y .z .w;
 //   simd_sum(float), called by all 32 lanes of a SIMD group; exp, log, rsqrt on float;
 //   static_cast between float and the input type (float, bfloat16_t, half); int/uint arithmetic;
 //   simdgroup_float8x8 with make_filled_simdgroup_matrix<float, 8, 8>(v),

@@ -21,18 +21,16 @@ SPECS = {
     "chunk_pieces": (["q", "k", "v", "gamma", "beta"], ["KKG", "P", "T", "W", "U"]),
 }
 TG_COLUMNS = 4  # decode: value columns (SIMD groups) per threadgroup
-# Chunk scan: value columns per threadgroup (smaller where threadgroup memory is short) and threads
-# (None: by K). H200 sweeps (benchmarks/results/profile_gpu_parts_*): 16 columns with 512 threads
-# at K = 128, 256 threads at K = 200, were the best or within noise of it.
+# Chunk scan: value columns per threadgroup (smaller where threadgroup memory is short) and threads.
 SCAN_TILE = 16
-SCAN_THREADS = None
+SCAN_THREADS = 256
 THREADGROUP_BYTES = {"metal": 32768, "cuda": 49152}  # Metal's limit; CUDA's for static shared memory
-# The scan kernel: "mma" (chunk_scan_mma.metal, SIMD-group 8x8 matrices), "simt" (chunk_scan.metal),
-# or None: mma up to MMA_SCAN_MAX_K state rows, simt above. H100, scan alone, forward / reverse ms
-# (benchmarks/RESULTS.md, fourth session): K = 128 mma 1.12-1.21 / 1.30-1.43 (512 threads) vs simt
-# 1.70-1.77 / 1.65-1.77; K = 200 (V = 400) mma 3.55-3.79 / 4.62-4.81 vs simt 2.88 / 3.11.
-SCAN_KERNEL = None
-MMA_SCAN_MAX_K = 128
+# The scan kernel: "simt" (chunk_scan.metal, 4 x 4 register tiles) or "mma" (chunk_scan_mma.metal,
+# SIMD-group 8x8 matrices). H100, scan alone at 8192 tokens, forward / reverse ms (RESULTS.md, sixth
+# session), simt 256 threads vs mma 512: (H, K, V) = (9, 128, 256) 1.70 / 1.79 vs 1.89-2.00 /
+# 2.29-2.48; (16, 128, 128) 1.20 / 1.30 vs 1.08-1.15 / 1.31-1.48; (9, 200, 400) 2.46 / 2.69 vs 3.8 /
+# 4.5 (the 8x8 scan's rows do not fit 48 KB there).
+SCAN_KERNEL = "simt"
 MMA_SCAN_THREADS = 512
 PADDED_STRIDES = {"cuda": True}  # threadgroup arrays padded against CUDA's shared-memory bank conflicts
 
@@ -92,9 +90,10 @@ def _scan_flags(segments, N, reverse):
 
 def _scan_bytes(K, C, tile, rows, threads):
     """Threadgroup memory of chunk_scan.metal: h_s, x_s, m_s and p_s (its k-split partial sums)."""
-    tiles = rows * tile // 4
+    k4 = -(-K // 4) * 4
+    tiles = rows // 4 * tile // 4
     splits = threads // tiles if threads > tiles else 1
-    return 4 * (K * tile + C * tile + K * (rows + 1) + splits * rows * tile)
+    return 4 * (k4 * tile + C * tile + k4 * rows + splits * rows * tile)
 
 
 def _scan_tiles(K, C, threads, limit):
@@ -136,11 +135,11 @@ def _scan(A, X, Bm, Y, decay, h_in, segments, reverse):
     N, R = NB // B, B * HV
     # more staged rows a step where the runner allows (fewer barriers); the emulator keeps Metal's limit
     limit = THREADGROUP_BYTES.get(backend(), THREADGROUP_BYTES["metal"])
-    if (SCAN_KERNEL or ("mma" if K <= MMA_SCAN_MAX_K else "simt")) == "mma":
+    if SCAN_KERNEL == "mma":
         name, threads = "chunk_scan_mma", MMA_SCAN_THREADS
         tile, rows, extra = _mma_scan_config(K, C, threads, limit, PADDED_STRIDES.get(backend(), False))
     else:
-        name, threads, extra = "chunk_scan", SCAN_THREADS or (512 if K <= 128 else 256), ()
+        name, threads, extra = "chunk_scan", SCAN_THREADS, ()
         tile, rows = _scan_tiles(K, C, threads, limit)
     has_y = Y is not None
     states, x_new, h_out = get_kernel(name)(

@@ -48,6 +48,10 @@ struct bfloat16_t {
   }
 };
 typedef _Float16 half;
+// float4 as the bodies use it: threadgroup arrays of it, locals, whole copies and .x .y .z .w
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
 
 namespace mem_flags {
 constexpr int mem_none = 0;
