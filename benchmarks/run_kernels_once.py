@@ -2,9 +2,10 @@
 profiler, and prints each one's time (run on the device):
 
     ncu --kernel-name regex:pieces --launch-skip 2 --launch-count 1 --set full \\
-        python3 benchmarks/run_kernels_once.py [B T H D [KERNEL THREADS]]
+        python3 benchmarks/run_kernels_once.py [B T H D [KERNEL THREADS [TILE]]]
 
-D: the head size, or KxV (e.g. 200x400). KERNEL: the scan kernel, mma (chunk_scan_mma.metal) or simt (chunk_scan.metal).
+D: the head size, or KxV (e.g. 200x400). KERNEL: the scan kernel, simt (chunk_scan.metal) or mma (chunk_scan_mma.metal); TILE: its value
+columns per threadgroup.
 """
 
 import sys
@@ -31,6 +32,8 @@ def main():
     if len(sys.argv) > 6:
         kernels.SCAN_KERNEL = sys.argv[5]
         kernels.SCAN_THREADS = kernels.MMA_SCAN_THREADS = int(sys.argv[6])
+    if len(sys.argv) > 7:
+        kernels.SCAN_TILE = int(sys.argv[7])
     C, N = 64, T // 64
     mx.random.seed(0)
     W = mx.random.normal((N * B, H, C, K)) * 0.05
