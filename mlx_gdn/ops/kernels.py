@@ -165,7 +165,7 @@ def scan_backward(PdO, QdO, Kt, W, decay, dhT, segments):
     return du, dh_next, dh0
 
 
-PIECES_THREADS = 256  # chunk_pieces: 8 SIMD groups share a chunk's 72 lower tiles of K K^T and Q K^T
+PIECES_THREADS = 256  # chunk_pieces: a chunk's 136 lower 4x4 tiles of K K^T and Q K^T, 256 of W and U
 
 
 def _pieces_config(C, limit, padded):
@@ -173,10 +173,9 @@ def _pieces_config(C, limit, padded):
     pad = 4 if padded else 0
     cs, ts = C + pad, C + pad
     for kc in (32, 16, 8):
-        qs = kc + pad
-        floats = max(2 * C * qs + kc * ts, C * cs) + max(C * cs, 2 * C * qs)
+        floats = max(2 * kc * ts, C * cs) + C * cs
         if 4 * floats <= limit:
-            return (("KC", kc), ("CS", cs), ("QS", qs), ("TS", ts))
+            return (("KC", kc), ("CS", cs), ("TS", ts))
     raise ValueError(f"chunk_pieces: C = {C} does not fit {limit} bytes of threadgroup memory")
 
 
