@@ -1,6 +1,6 @@
 // The per-chunk pieces of the chunked gated delta rule (chunk.py's _ChunkPieces), one threadgroup per
-// chunk of one value head, every product on SIMD-group 8x8 matrices. With gamma the within-chunk
-// cumsum of g and Gam_ij = exp(gamma_i - gamma_j) for i >= j:
+// chunk of one value head. With gamma the within-chunk cumsum of g and Gam_ij = exp(gamma_i -
+// gamma_j) for i >= j:
 //   KKG = strict_tril(K K^T * Gam)     P = tril(Q K^T * Gam)     A = diag(beta) KKG
 //   T = (I + A)^-1                     W = T diag(beta e^gamma) K     U = T diag(beta) V
 // 1. K K^T and Q K^T on 4 x 4 register tiles (lower tiles only; a thread's K K^T and Q K^T tiles
