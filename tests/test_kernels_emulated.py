@@ -21,16 +21,17 @@ def emulated():
 
 
 SCAN_CASES = [
-    # N, B, HV, C, K, V, segments (None: one per batch row), value tile
-    (3, 2, 2, 16, 32, 32, None, 16),
+    # N, B, HV, C, K, V, segments (None: one per batch row), value tile or (tile, threads[, bytes])
+    (3, 2, 2, 16, 32, 32, None, 16),        # 128 threads, 16 tiles of A h: the k sum split 8 ways
     (4, 1, 3, 16, 60, 100, None, 16),       # D not a multiple of 32, V not a multiple of the tile
     (5, 1, 2, 32, 64, 48, ((0, 1), (1, 4), (4, 5)), 16),  # varlen: three segments
     (2, 1, 1, 64, 128, 40, None, 32),       # the GPU shape's K and C; tile wider than V's rest
-    (2, 1, 1, 64, 200, 24, None, 8),        # more state rows than threads per row group
-    (2, 1, 2, 64, 128, 64, None, (16, 256)),  # 256 threads per threadgroup: the k sum split 2 ways
-    (3, 1, 2, 64, 128, 40, None, (8, 512)),   # split 8 ways, V not a multiple of the tile
-    (3, 2, 1, 16, 60, 20, ((0, 2), (2, 3)), (8, 256)),  # 8 splits of a K that 8 does not divide; varlen
-    (2, 1, 2, 64, 128, 40, None, (16, 512, 49152)),  # the CUDA default: 48 KB stages (32 rows, 4 splits)
+    (2, 1, 1, 64, 200, 24, None, 16),       # two row groups of 4 a thread in the update (K = 200)
+    (2, 1, 2, 32, 30, 18, None, (8, 128)),  # K and V not multiples of 4: a padded row group
+    (3, 1, 2, 64, 128, 40, None, (8, 512)),  # more threads than row groups (idle in the update)
+    (3, 2, 1, 16, 60, 20, ((0, 2), (2, 3)), (8, 256)),  # a K that the splits do not divide; varlen
+    (2, 1, 2, 64, 128, 40, None, (16, 256, 49152)),  # the CUDA default: 48 KB stages (32 rows)
+    (2, 1, 1, 64, 200, 40, None, (16, 256, 49152)),  # the CUDA default at the 1.3B K (16-row stages)
 ]
 
 MMA_SCAN_CASES = [
