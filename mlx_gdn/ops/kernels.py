@@ -22,6 +22,8 @@ SPECS = {
 }
 TG_COLUMNS = 4  # decode: value columns (SIMD groups) per threadgroup
 # Chunk scan: value columns per threadgroup (smaller where threadgroup memory is short) and threads.
+# H100 sweep (RESULTS.md, sixth session): 16 columns and 256 threads were the best or within 6% of
+# it at every head shape measured (8 or 32 columns, 128 or 384 threads).
 SCAN_TILE = 16
 SCAN_THREADS = 256
 THREADGROUP_BYTES = {"metal": 32768, "cuda": 49152}  # Metal's limit; CUDA's for static shared memory
