@@ -225,6 +225,22 @@ def check_race_probe(name, body, threads, want):
         run("")
 
 
+def test_emulator_poisons_threadgroup_memory_between_threadgroups():
+    # only the first threadgroup writes shared[0]; every threadgroup reads it. On a GPU the later ones
+    # read whatever is there: the emulator gives them NaN, not what the first one left.
+    body = """
+    threadgroup float shared[1];
+    const uint g = threadgroup_position_in_grid.x;
+    if (g == 0) { shared[0] = 5.0f; }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    out[g] = shared[0];
+    """
+    out = EmulatedKernel("poison_probe", ["x"], ["out"], body)(
+        inputs=[mx.zeros((1,))], output_shapes=[(2,)], output_dtypes=[mx.float32],
+        grid=(2, 1, 1), threadgroup=(1, 1, 1))[0]
+    assert out[0].item() == 5.0 and np.isnan(out[1].item())
+
+
 def test_emulator_reports_barrier_divergence():
     body = """
     if (thread_position_in_threadgroup.x == 0) { return; }

@@ -14,8 +14,8 @@
 // stale data every time, not now and then. The runner launches every kernel in both orders and
 // requires equal results: a race that one order hides (a lane reading only what lanes before it
 // wrote) shows in the other.
-// `threadgroup` variables are function statics: threadgroups run one after another, so each sees
-// its own. The grid follows MLX's CUDA semantics: ceil(grid / threadgroup) threadgroups per axis.
+// `threadgroup` variables are function statics, poisoned before each threadgroup (below):
+// threadgroups run one after another, so each sees its own. The grid follows MLX's CUDA semantics: ceil(grid / threadgroup) threadgroups per axis.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -63,7 +63,12 @@ using std::exp;
 using std::log;
 inline float rsqrt(float x) { return 1.0f / std::sqrt(x); }
 
-#define threadgroup static
+// Threadgroup arrays are function statics placed in one section, which the runner fills with 0xFF
+// bytes (float NaN, int -1) before every threadgroup: a read of threadgroup memory that no thread of
+// the threadgroup wrote gives NaN, on both run orders alike, not what an earlier threadgroup left.
+#define threadgroup static __attribute__((section("gdn_threadgroup")))
+extern "C" char __start_gdn_threadgroup[] __attribute__((weak));
+extern "C" char __stop_gdn_threadgroup[] __attribute__((weak));
 
 namespace emu {
 
@@ -262,6 +267,8 @@ inline int run_grid(Body body, const int* dims, char* err, int err_len) {
     for (uint gy = 0; gy < groups.y; ++gy)
       for (uint gx = 0; gx < groups.x; ++gx) {
         l.tg_pos = uint3{gx, gy, gz};
+        if (__start_gdn_threadgroup != nullptr)
+          std::memset(__start_gdn_threadgroup, 0xFF, __stop_gdn_threadgroup - __start_gdn_threadgroup);
         for (size_t i = 0; i < n; ++i) {
           Fiber& f = l.fibers[i];
           f.index = (uint)i;
