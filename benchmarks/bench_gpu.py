@@ -153,7 +153,7 @@ def main():
     p.add_argument("--scan-config", type=int, nargs=2, metavar=("TILE", "THREADS"),
                    help="SIMT chunk-scan value tile and threads per threadgroup (default: kernels.py's)")
     p.add_argument("--compare-mma", action="store_true",
-                   help="also time ours with the 8x8-matrix scan kernel (chunk_scan_mma.metal) in the same run")
+                   help="also time ours with the 8x8-matrix scan (chunk_scan_mma.metal) in the same run")
     args = p.parse_args()
     if args.scan_config:
         kernels.SCAN_TILE, kernels.SCAN_THREADS = args.scan_config

@@ -4,8 +4,8 @@ profiler, and prints each one's time (run on the device):
     ncu --kernel-name regex:pieces --launch-skip 2 --launch-count 1 --set full \\
         python3 benchmarks/run_kernels_once.py [B T H D [KERNEL THREADS [TILE]]]
 
-D: the head size, or KxV (e.g. 200x400). KERNEL: the scan kernel, simt (chunk_scan.metal) or mma (chunk_scan_mma.metal); TILE: its value
-columns per threadgroup.
+D: the head size, or KxV (e.g. 200x400). KERNEL: the scan kernel, simt (chunk_scan.metal) or mma
+(chunk_scan_mma.metal); THREADS: its threads per threadgroup; TILE: its value columns.
 """
 
 import sys
