@@ -68,11 +68,7 @@ for (int it = -1; it < total; ++it) {
             for (int j = 0; j < 4; ++j) {
               h[i][a][j] = k < K && v0 + j < V ? h_in[(base + k) * V + v0 + j] : 0.0f;
             }
-            float4 t;
-            t.x = h[i][a][0];
-            t.y = h[i][a][1];
-            t.z = h[i][a][2];
-            t.w = h[i][a][3];
+            const float4 t = make_float4(h[i][a][0], h[i][a][1], h[i][a][2], h[i][a][3]);
             if (k < K) {
               h_s[k * VG + cg] = t;
             }
@@ -109,11 +105,7 @@ for (int it = -1; it < total; ++it) {
     for (int p = 0; p < SPT; ++p) {
       const int e = (int)tid + THREADS * p;
       if (e < (s < STAGES ? K * RG : CB * KG)) {
-        float4 t;
-        t.x = staged[p][0];
-        t.y = staged[p][1];
-        t.z = staged[p][2];
-        t.w = staged[p][3];
+        const float4 t = make_float4(staged[p][0], staged[p][1], staged[p][2], staged[p][3]);
         m_s[s < STAGES ? (e % K) * RG + e / K : e] = t;
       }
     }
@@ -191,11 +183,7 @@ for (int it = -1; it < total; ++it) {
           }
         }
         for (int a = 0; a < 4; ++a) {
-          float4 t;
-          t.x = acc[a][0];
-          t.y = acc[a][1];
-          t.z = acc[a][2];
-          t.w = acc[a][3];
+          const float4 t = make_float4(acc[a][0], acc[a][1], acc[a][2], acc[a][3]);
           p_s[((item / TILES) * CB + 4 * rg + a) * VG + tc] = t;
         }
       }
@@ -221,11 +209,7 @@ for (int it = -1; it < total; ++it) {
             x_new[(nr * C + c) * V + v] = x[j];
           }
         }
-        float4 t;
-        t.x = x[0];
-        t.y = x[1];
-        t.z = x[2];
-        t.w = x[3];
+        const float4 t = make_float4(x[0], x[1], x[2], x[3]);
         x_s[c * VG + g] = t;
       }
     }
@@ -254,11 +238,7 @@ for (int it = -1; it < total; ++it) {
       for (int i = 0; i < KGPT; ++i) {
         for (int a = 0; a < 4; ++a) {
           const int k = 4 * (slot + SLOTS * i) + a;
-          float4 t;
-          t.x = h[i][a][0];
-          t.y = h[i][a][1];
-          t.z = h[i][a][2];
-          t.w = h[i][a][3];
+          const float4 t = make_float4(h[i][a][0], h[i][a][1], h[i][a][2], h[i][a][3]);
           if (k < K) {
             h_s[k * VG + cg] = t;
           }

@@ -3,12 +3,14 @@
 //   thread_position_in_grid / _in_threadgroup, threadgroup_position_in_grid, threads_per_threadgroup
 //   (uint3), thread_index_in_simdgroup, simdgroup_index_in_threadgroup (uint);
 //   `threadgroup T name[N];` declarations; threadgroup_barrier(mem_flags::mem_threadgroup);
-//   float4 as a plain record: threadgroup arrays and locals of it, whole copies, .x .y .z .w;
+//   float4 as a plain record: threadgroup arrays and locals of it, whole copies, .x .y .z .w,
+//   built by make_float4(x, y, z, w) (CUDA's own; defined below for Metal);
 //   simd_sum(float), called by all 32 lanes of a SIMD group; exp, log, rsqrt on float;
 //   static_cast between float and the input type (float, bfloat16_t, half); int/uint arithmetic;
 //   simdgroup_float8x8 with make_filled_simdgroup_matrix<float, 8, 8>(v),
 //   simdgroup_load(m, threadgroup pointer, row stride), simdgroup_store(m, pointer, row stride) and
 //   simdgroup_multiply_accumulate(d, a, b, c), called by all 32 lanes; a product may be accumulated
 //   into but is stored and loaded again before it is used as a factor.
-// Metal has all of these natively; only the SIMD-group matrix header needs including.
+// Metal has all of these natively but make_float4; the SIMD-group matrix header needs including.
 #include <metal_simdgroup_matrix>
+inline float4 make_float4(float x, float y, float z, float w) { return float4(x, y, z, w); }

@@ -15,7 +15,8 @@
 // requires equal results: a race that one order hides (a lane reading only what lanes before it
 // wrote) shows in the other.
 // `threadgroup` variables are function statics, poisoned before each threadgroup (below):
-// threadgroups run one after another, so each sees its own. The grid follows MLX's CUDA semantics: ceil(grid / threadgroup) threadgroups per axis.
+// threadgroups run one after another, so each sees its own. The grid follows MLX's CUDA semantics:
+// ceil(grid / threadgroup) threadgroups per axis.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -48,10 +49,12 @@ struct bfloat16_t {
   }
 };
 typedef _Float16 half;
-// float4 as the bodies use it: threadgroup arrays of it, locals, whole copies and .x .y .z .w
+// float4 as the bodies use it: threadgroup arrays of it, locals, whole copies, .x .y .z .w, and
+// make_float4 (CUDA's name; the Metal prelude defines it too)
 struct alignas(16) float4 {
   float x, y, z, w;
 };
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 
 namespace mem_flags {
 constexpr int mem_none = 0;
