@@ -19,7 +19,7 @@ import metal_kernels  # noqa: E402
 from mlx_gdn.ops import kernels  # noqa: E402
 
 
-INT_INPUTS = {"seg_start", "seg_end"}  # every other buffer is float here
+INT_INPUTS = {"seg_start", "seg_end", "src", "dst"}  # every other buffer is float here
 
 
 def _constant(name, value):

@@ -28,6 +28,7 @@ def shaped_inputs(B, T, H, K, V):
 
 def parts(B, T, H, K, V, C=64):
     q, k, v, g, beta = (mx.array(x) for x in shaped_inputs(B, T, H, K, V))
+    q, k, v, beta = (x.astype(mx.bfloat16) for x in (q, k, v, beta))  # as bench_gpu passes them
     opt = gated_delta._Options(K ** -0.5, True, False, False, False, False, False)
     params = (mx.zeros((H,)), mx.zeros((H,)))
     prep = lambda: gated_delta._chunked_inputs(opt, C, None)(q, k, v, g, beta, *params)  # compiled
@@ -38,6 +39,13 @@ def parts(B, T, H, K, V, C=64):
     chunk.COMPILE = False
     out["prepare_uncompiled_ms"] = time_mlx(lambda: prep())
     chunk.COMPILE = True
+    # the same through the layout kernels (q, k, v) and compiled ops (g, beta), and its VJP
+    src, dst = gated_delta._layout_maps([(0, T)] * B, T, C, False)
+    gates = gated_delta._chunked_inputs(opt, C, None, gated_delta._prepare_gates)
+    layout = lambda q, k, v, g, beta: [gated_delta._kernel_to_chunks(x, src, dst, H, C, s, n) for x, s, n in
+                                       ((q, opt.scale, True), (k, 1.0, True), (v, 1.0, False))] + gates(g, beta, *params)
+    out["prepare_layout_kernels_ms"] = time_mlx(lambda: layout(q, k, v, g, beta))
+    out["prepare_layout_kernels_vjp_ms"] = time_mlx(lambda: mx.vjp(layout, [q, k, v, g, beta], cots)[1])
     cq, ck, cv, cg, cb = prep()
     mx.eval(cq, ck, cv, cg, cb)
     pieces = lambda: chunk._ChunkPieces(cq, ck, cv, cg, cb)
@@ -67,6 +75,9 @@ def parts(B, T, H, K, V, C=64):
     states, u, _ = kernels.scan_forward(pc.W, pc.U, pc.Kt, pc.decay, h0, seg)
     mx.eval(states, u)
     out["output_ms"] = time_mlx(lambda: chunk.fused(chunk._output)(cq, pc.eg, states, pc.P, u))
+    seqs = [(0, T)] * B
+    out["output_layout_ops_ms"] = time_mlx(lambda: gated_delta._from_chunks(u, seqs, T, B, False).astype(q.dtype))
+    out["output_layout_kernel_ms"] = time_mlx(lambda: gated_delta._kernel_from_chunks(u, src, dst, B, C, q.dtype))
     out["pieces_kernel_ms"] = time_mlx(lambda: kernels.chunk_pieces(cq, ck, cv, mx.cumsum(cg, axis=-2), cb))
     # the backward's parts (pieces recomputed as above, then these)
     do = mx.random.normal(u.shape)

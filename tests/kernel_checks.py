@@ -1,10 +1,11 @@
-"""The chunk kernels (the scan kernels.SCAN_KERNEL selects, the chunk pieces) against chunk.py's ops
-path, and the pieces' inverse against float64: shared by the emulator tests and the GPU tests."""
+"""The chunk kernels (the scan kernels.SCAN_KERNEL selects, the chunk pieces, the layout kernels)
+against the ops path (chunk.py, gated_delta.py), and the pieces' inverse against float64: shared by
+the emulator tests and the GPU tests."""
 
 import mlx.core as mx
 import numpy as np
 
-from mlx_gdn.ops import chunk, kernels
+from mlx_gdn.ops import chunk, gated_delta, kernels
 from reference import rms_rel
 
 
@@ -45,3 +46,41 @@ def check_pieces(M, C, K, V, tol=1e-5):
     A64 = np.array(got.A).astype(np.float64)
     inverse = np.linalg.inv(np.eye(C) + A64)
     assert rms_rel(inverse, np.array(got.Tinv)) <= tol, "Tinv vs float64"
+
+
+def check_layout(B, T, H, HV, D, C, cu_seqlens, l2norm, dtype, tol=1e-5):
+    """The layout kernels (rows_to_chunks, chunks_to_rows) and their VJPs against the ops layout
+    (gated_delta._to_chunks / _from_chunks after the L2 norm, scale and head repeat) under autodiff."""
+    rng = np.random.default_rng(T + D)
+    r = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
+    packed = cu_seqlens is not None
+    seqs = list(zip(cu_seqlens, cu_seqlens[1:])) if packed else [(0, T)] * B
+    src, dst = gated_delta._layout_maps(seqs, T, C, packed)
+    scale = D ** -0.5
+    grad_tol = tol if dtype == mx.float32 else 4e-3  # gradients rounded once to the half type
+
+    def ops_to_chunks(x):
+        x = x.astype(mx.float32)
+        x = (gated_delta.l2_normalize(x) if l2norm else x) * scale
+        return gated_delta._to_chunks(mx.repeat(x, HV // H, axis=2), seqs, C, packed)
+
+    x = r(B, T, H, D)
+    y_ref = ops_to_chunks(x)
+    kernel_to_chunks = lambda x: gated_delta._kernel_to_chunks(x, src, dst, HV, C, scale, l2norm)
+    assert rms_rel(np.array(y_ref), np.array(kernel_to_chunks(x))) <= tol
+    cot = mx.array(rng.standard_normal(y_ref.shape).astype(np.float32))
+    (dx_ref,) = mx.vjp(ops_to_chunks, [x], [cot])[1]
+    (dx,) = mx.vjp(kernel_to_chunks, [x], [cot])[1]
+    assert dx.dtype == dtype
+    assert rms_rel(np.array(dx_ref.astype(mx.float32)), np.array(dx.astype(mx.float32))) <= grad_tol
+
+    # the output direction: chunk-major float32 back to token rows in the input dtype, and its VJP
+    ops_from_chunks = lambda y: gated_delta._from_chunks(y, seqs, T, B, packed).astype(dtype)
+    kernel_from_chunks = lambda y: gated_delta._kernel_from_chunks(y, src, dst, B, C, dtype)
+    o_ref, o = ops_from_chunks(cot), kernel_from_chunks(cot)
+    assert o.dtype == dtype and np.array_equal(np.array(o_ref.astype(mx.float32)),
+                                               np.array(o.astype(mx.float32)))
+    do = r(B, T, HV, D)
+    (dy_ref,) = mx.vjp(ops_from_chunks, [cot], [do])[1]
+    (dy,) = mx.vjp(kernel_from_chunks, [cot], [do])[1]
+    assert np.array_equal(np.array(dy_ref), np.array(dy))

@@ -16,7 +16,7 @@ import pytest
 
 from mlx_gdn.ops import gated_delta_rule, kernels  # noqa: E402
 from reference import assert_close, gated_delta_reference, make_inputs, rms_rel
-from kernel_checks import check_pieces, check_scans
+from kernel_checks import check_layout, check_pieces, check_scans
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(kernels.backend() not in ("metal", "cuda"),
@@ -53,6 +53,13 @@ def test_scan_kernels_match_ops_scans(monkeypatch, scan, N, HV, K, V, segments):
                                      (10, 16, 64, 32)])
 def test_chunk_pieces_kernel_matches_ops(M, C, K, V):
     check_pieces(M, C, K, V, FP32_TOL)
+
+
+@pytest.mark.parametrize("B,T,H,HV,D,C,cu,l2norm,dtype", [
+    (4, 1000, 4, 8, 128, 64, None, True, mx.bfloat16), (1, 777, 2, 2, 200, 64, [0, 100, 777], True, mx.float32),
+    (2, 300, 2, 2, 400, 32, None, False, mx.float16)])
+def test_layout_kernels_match_ops(B, T, H, HV, D, C, cu, l2norm, dtype):
+    check_layout(B, T, H, HV, D, C, cu, l2norm, dtype, FP32_TOL)
 
 
 def test_simdgroup_matrix_prelude():

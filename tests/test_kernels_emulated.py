@@ -7,9 +7,9 @@ import pytest
 
 import metal_kernels
 from emulator import EmulatedKernel, executed
-from mlx_gdn.ops import gated_delta_rule, kernels
+from mlx_gdn.ops import gated_delta, gated_delta_rule, kernels
 from reference import assert_close, gated_delta_reference, make_inputs, rms_rel
-from kernel_checks import check_pieces, check_scans
+from kernel_checks import check_layout, check_pieces, check_scans
 
 FP32_TOL = 1e-5
 
@@ -86,6 +86,20 @@ def test_chunk_pieces_kernel_matches_ops(emulated, monkeypatch, M, C, K, V, conf
     check_pieces(M, C, K, V)
 
 
+LAYOUT_CASES = [
+    # B, T, H, HV, D, C, cu_seqlens, l2norm, dtype
+    (2, 75, 2, 4, 32, 16, None, True, mx.float32),  # GVA: two value heads a q/k head
+    (1, 70, 1, 2, 60, 32, [0, 5, 40, 70], False, mx.bfloat16),  # packed: three padded sequences
+    (1, 50, 2, 2, 100, 16, [0, 17, 50], True, mx.float16),
+    (3, 64, 1, 1, 16, 64, None, True, mx.bfloat16),  # no padding; D below a SIMD group
+]
+
+
+@pytest.mark.parametrize("B,T,H,HV,D,C,cu_seqlens,l2norm,dtype", LAYOUT_CASES)
+def test_layout_kernels_match_ops(emulated, B, T, H, HV, D, C, cu_seqlens, l2norm, dtype):
+    check_layout(B, T, H, HV, D, C, cu_seqlens, l2norm, dtype)
+
+
 OP_CASES = [
     # B, T, H, HV, D, mask_p, kwargs
     (2, 75, 2, 4, 32, 0.0, {}),
@@ -105,15 +119,19 @@ def test_chunked_op_with_kernels_matches_oracle(emulated, B, T, H, HV, D, mask_p
     assert rms_rel(ro, np.array(o)) <= FP32_TOL and rms_rel(rs, np.array(s)) <= FP32_TOL
 
 
-def test_chunked_grads_with_kernels_match_ops(emulated):
-    data = make_inputs(5, 1, 50, 2, 4, 32, mask_p=0.3, h0=True)
+@pytest.mark.parametrize("cu_seqlens", [None, [0, 7, 30, 50]])
+def test_chunked_grads_with_kernels_match_ops(emulated, cu_seqlens):
+    packed = cu_seqlens is not None
+    data = make_inputs(5, 1, 50, 2, 4, 32, mask_p=0.3, h0=True, n_states=3 if packed else 1,
+                       unit_k=not packed)
     names = ("q", "k", "v", "g", "beta", "initial_state")
     w = mx.array(np.random.default_rng(1).standard_normal((1, 50, 4, 32)).astype(np.float32))
+    kw = dict(cu_seqlens=mx.array(cu_seqlens), use_qk_l2norm_in_kernel=True) if packed else {}
 
     def grads():
         def loss(*xs):
             o, s = gated_delta_rule(**dict(zip(names, xs)), output_final_state=True, mode="chunk",
-                                    chunk_size=16)
+                                    chunk_size=16, **kw)
             return (o * w).sum() + s.sum()
         return mx.grad(loss, argnums=list(range(6)))(*[mx.array(data[n]) for n in names])
 

@@ -172,10 +172,14 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
             finals.append(hT_i)
         o, hT = mx.concatenate(outs, axis=1), mx.concatenate(finals, axis=0)
     else:
-        C = chunk_size
-        chunked = _chunked_inputs(options, C, seqs if packed else None)(q, k, v, g, beta, *params)
-        o, hT = chunk_gated_delta(*chunked, h0, _segments(seqs, C, packed))
-        o = _from_chunks(o, seqs, T, B, packed).astype(q.dtype)
+        C, segments = chunk_size, _segments(seqs, chunk_size, packed)
+        if kernels.backend() != "ops" and q.dtype == k.dtype == v.dtype:
+            o, hT = _chunked_with_layout_kernels(options, C, seqs, packed, segments, h0,
+                                                 q, k, v, g, beta, *params)
+        else:
+            chunked = _chunked_inputs(options, C, seqs if packed else None)(q, k, v, g, beta, *params)
+            o, hT = chunk_gated_delta(*chunked, h0, segments)
+            o = _from_chunks(o, seqs, T, B, packed).astype(q.dtype)
 
     if not output_final_state:
         return o, None
@@ -192,32 +196,96 @@ class _Options:
 _chunked_fns = {}
 
 
-def _chunked_inputs(opt, C, seqs):
-    """(q, k, v, g, beta, A_log, dt_bias) -> the chunk-major inputs of chunk_gated_delta: one function
-    per (options, C) for unpacked rows, so that chunk.fused compiles it once (packed rows, whose
-    gather indices depend on the sequences, are not compiled)."""
-    prepare = lambda *xs: [_to_chunks(x, seqs, C, seqs is not None) for x in _prepare(opt, *xs)]
+def _chunked_inputs(opt, C, seqs, prepare=None):
+    """(q, k, v, g, beta, A_log, dt_bias) -> the chunk-major inputs of chunk_gated_delta (or, with
+    prepare=_prepare_gates, (g, beta, A_log, dt_bias) -> g, beta): one function per (options, C) for
+    unpacked rows, so that chunk.fused compiles it once (packed rows, whose gather indices depend on
+    the sequences, are not compiled)."""
+    prepare = prepare or _prepare
+    chunked = lambda *xs: [_to_chunks(x, seqs, C, seqs is not None) for x in prepare(opt, *xs)]
     if seqs is not None:
-        return prepare
-    return fused(_chunked_fns.setdefault((opt.key, C), prepare))
+        return chunked
+    return fused(_chunked_fns.setdefault((prepare, opt.key, C), chunked))
+
+
+def _layout_maps(seqs, T, C, packed):
+    """int32 maps between token rows and padded positions (each sequence padded to a multiple of C):
+    src[p], the token at padded position p (-1 for padding), and dst[t], the position of token t."""
+    if not packed:
+        p = mx.arange(-(-T // C) * C, dtype=mx.int32)
+        return mx.where(p < T, p, -1), mx.arange(T, dtype=mx.int32)
+    src, dst = [], []
+    for s, e in seqs:
+        dst += range(len(src), len(src) + e - s)
+        src += list(range(s, e)) + [-1] * (-(e - s) % C)
+    return mx.array(src, dtype=mx.int32), mx.array(dst, dtype=mx.int32)
+
+
+def _kernel_to_chunks(x, src, dst, heads, C, scale=1.0, l2norm=False):
+    """kernels.rows_to_chunks with its VJP (kernels.chunks_to_rows)."""
+
+    @mx.custom_function
+    def to_chunks(x):
+        return kernels.rows_to_chunks(x, src, heads, C, scale=scale, l2norm=l2norm)
+
+    @to_chunks.vjp
+    def to_chunks_vjp(x, cotangent, _):  # one input, one output: arrays, not tuples
+        return (kernels.chunks_to_rows(cotangent, dst, x.shape[0], x.shape[2], x.dtype, scale=scale,
+                                       x=x if l2norm else None),)
+
+    return to_chunks(x)
+
+
+def _kernel_from_chunks(y, src, dst, B, C, dtype):
+    """kernels.chunks_to_rows (chunk-major float32 -> [B, T, HV, V] in dtype) with its VJP."""
+
+    @mx.custom_function
+    def from_chunks(y):
+        return kernels.chunks_to_rows(y, dst, B, y.shape[1], dtype)
+
+    @from_chunks.vjp
+    def from_chunks_vjp(_, cotangent, __):
+        return (kernels.rows_to_chunks(cotangent, src, cotangent.shape[2], C),)
+
+    return from_chunks(y)
+
+
+def _chunked_with_layout_kernels(opt, C, seqs, packed, segments, h0, q, k, v, g, beta, A_log, dt_bias):
+    """The chunked op with q, k, v taken to the chunk layout (L2 norm and scale applied) and the
+    output taken back by the layout kernels, in one pass over each array each way; the gates, small,
+    through MLX ops. Returns (o [B, T, HV, V] in q's dtype, final state)."""
+    B, T, HV = v.shape[:3]
+    src, dst = _layout_maps(seqs, T, C, packed)
+    qc = _kernel_to_chunks(q, src, dst, HV, C, opt.scale, opt.l2norm)
+    kc = _kernel_to_chunks(k, src, dst, HV, C, 1.0, opt.l2norm)
+    vc = _kernel_to_chunks(v, src, dst, HV, C)
+    gc, bc = _chunked_inputs(opt, C, seqs if packed else None, _prepare_gates)(g, beta, A_log, dt_bias)
+    o, hT = chunk_gated_delta(qc, kc, vc, gc, bc, h0, segments)
+    return _kernel_from_chunks(o, src, dst, B, C, q.dtype), hT
 
 
 def _prepare(opt, q, k, v, g, beta, A_log, dt_bias):
     """The in-kernel options as MLX ops: float32, q/k L2 norm, gate, beta, scale, q/k to value heads."""
-    q, k, v, g, beta = (x.astype(mx.float32) for x in (q, k, v, g, beta))
+    q, k, v = (x.astype(mx.float32) for x in (q, k, v))
     if opt.l2norm:
         q, k = l2_normalize(q), l2_normalize(k)
+    q = q * opt.scale
+    group = v.shape[2] // q.shape[2]
+    if group > 1:
+        q, k = mx.repeat(q, group, axis=2), mx.repeat(k, group, axis=2)
+    return (q, k, v) + _prepare_gates(opt, g, beta, A_log, dt_bias)
+
+
+def _prepare_gates(opt, g, beta, A_log, dt_bias):
+    """float32 g (from the gate parameters with opt.gate) and beta (sigmoid, doubled, per opt)."""
+    g, beta = g.astype(mx.float32), beta.astype(mx.float32)
     if opt.gate:
         g = gate_from_parameters(g, A_log, dt_bias if opt.has_dt_bias else None)
     if opt.beta_sigmoid:
         beta = mx.sigmoid(beta)
     if opt.neg_eigval:
         beta = beta * 2.0
-    q = q * opt.scale
-    group = v.shape[2] // q.shape[2]
-    if group > 1:
-        q, k = mx.repeat(q, group, axis=2), mx.repeat(k, group, axis=2)
-    return q, k, v, g, beta
+    return g, beta
 
 
 def _recurrent_ops(opt, q, k, v, g, beta, h0, A_log, dt_bias):

@@ -19,6 +19,8 @@ SPECS = {
     "chunk_scan": _SCAN_IO,  # the SIMT and the SIMD-group-matrix scans take the same arguments
     "chunk_scan_mma": _SCAN_IO,
     "chunk_pieces": (["q", "k", "v", "gamma", "beta"], ["KKG", "P", "T", "W", "U"]),
+    "rows_to_chunks": (["x", "src", "scale"], ["y"]),
+    "chunks_to_rows": (["y", "x", "dst", "scale"], ["out"]),
 }
 TG_COLUMNS = 4  # decode: value columns (SIMD groups) per threadgroup
 # Chunk scan: value columns per threadgroup (smaller where threadgroup memory is short) and threads.
@@ -197,6 +199,40 @@ def chunk_pieces(q, k, v, gamma, beta):
         output_shapes=[(*lead, C, C)] * 3 + [(*lead, C, K), (*lead, C, V)],
         output_dtypes=[mx.float32] * 5)
     return tuple(outs)
+
+
+LAYOUT_ROWS = 8  # rows_to_chunks / chunks_to_rows: rows (SIMD groups) per threadgroup
+
+
+def rows_to_chunks(x, src, heads, C, *, scale=1.0, l2norm=False):
+    """x [B, T, HX, D] -> chunk-major float32 [N * B, heads, C, D] (heads a multiple of HX; head h
+    reads x's head h // (heads / HX)), row p of a batch row from token src[p] (zeros where -1),
+    times scale, L2-normalised first with l2norm. src: int32 [N * C]."""
+    B, T, HX, D = x.shape
+    NC = src.shape[0]
+    rows = NC * B * heads
+    return get_kernel("rows_to_chunks")(
+        inputs=[x, src, mx.array([scale], dtype=mx.float32)],
+        template=[("InT", x.dtype), ("D", D), ("T", T), ("HX", HX), ("HV", heads), ("B", B), ("C", C),
+                  ("NC", NC), ("L2NORM", l2norm)],
+        grid=(32 * rows, 1, 1), threadgroup=(32 * LAYOUT_ROWS, 1, 1),
+        output_shapes=[(NC // C * B, heads, C, D)], output_dtypes=[mx.float32])[0]
+
+
+def chunks_to_rows(y, dst, B, heads, dtype, *, scale=1.0, x=None):
+    """Chunk-major float32 y [N * B, HV, C, D] -> [B, T, heads, D] in dtype, token t from padded
+    position dst[t] (int32 [T]), the HV / heads value heads of each head summed, times scale. Given
+    the raw rows x [B, T, heads, D], the VJP of rows_to_chunks' L2 norm is applied (y its cotangent)."""
+    _, HV, C, D = y.shape
+    T = dst.shape[0]
+    rows = B * T * heads
+    return get_kernel("chunks_to_rows")(
+        inputs=[y, mx.zeros((1,), dtype=dtype) if x is None else x, dst,
+                mx.array([scale], dtype=mx.float32)],
+        template=[("OutT", dtype), ("XT", dtype if x is None else x.dtype), ("D", D), ("T", T),
+                  ("HX", heads), ("HV", HV), ("B", B), ("C", C), ("L2NORM", x is not None)],
+        grid=(32 * rows, 1, 1), threadgroup=(32 * LAYOUT_ROWS, 1, 1),
+        output_shapes=[(B, T, heads, D)], output_dtypes=[dtype])[0]
 
 
 def decode_step(q, k, v, g, beta, state, *, scale, A_log=None, dt_bias=None, l2norm=False,
