@@ -84,3 +84,22 @@ def check_layout(B, T, H, HV, D, C, cu_seqlens, l2norm, dtype, tol=1e-5):
     (dy_ref,) = mx.vjp(ops_from_chunks, [cot], [do])[1]
     (dy,) = mx.vjp(kernel_from_chunks, [cot], [do])[1]
     assert np.array_equal(np.array(dy_ref), np.array(dy))
+
+
+def check_grads(M, C, K, V, tol=1e-5):
+    """The chunk grads kernel (after the reverse scan) against chunk._backward_after_scan."""
+    rng = np.random.default_rng(M * C + K + V)
+    r = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32))
+    q, k, v = r(M, 1, C, K) / np.sqrt(K), r(M, 1, C, K) / np.sqrt(K), r(M, 1, C, V)
+    g = mx.array(-rng.uniform(0.0, 0.2, (M, 1, C, 1)).astype(np.float32))
+    beta = mx.array(rng.uniform(0.0, 1.0, (M, 1, C, 1)).astype(np.float32))
+    with kernels.use_factory("ops", None):
+        pc = chunk._ChunkPieces(q, k, v, g, beta)
+    do, u, du = r(M, 1, C, V), r(M, 1, C, V), r(M, 1, C, V)
+    states, dh_next = r(M, 1, K, V), r(M, 1, K, V)
+    ref = chunk._backward_after_scan(q, k, v, beta, do, states, u, du, dh_next, q * pc.eg, pc.incl,
+                                     pc.strict, pc.Gam, pc.eg, pc.tail, pc.decay, pc.KKG, pc.A, pc.P,
+                                     pc.Tinv, pc.W, pc.U, pc.Kt)
+    got = chunk._backward_after_scan_kernel(q, k, v, beta, do, states, u, du, dh_next, pc)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta"), ref, got):
+        assert a.shape == b.shape and rms_rel(np.array(a), np.array(b)) <= tol, name

@@ -9,7 +9,7 @@ import metal_kernels
 from emulator import EmulatedKernel, executed
 from mlx_gdn.ops import gated_delta, gated_delta_rule, kernels
 from reference import assert_close, gated_delta_reference, make_inputs, rms_rel
-from kernel_checks import check_layout, check_pieces, check_scans
+from kernel_checks import check_grads, check_layout, check_pieces, check_scans
 
 FP32_TOL = 1e-5
 
@@ -84,6 +84,25 @@ def test_chunk_pieces_kernel_matches_ops(emulated, monkeypatch, M, C, K, V, conf
     monkeypatch.setitem(kernels.THREADGROUP_BYTES, "emulated", limit)
     monkeypatch.setitem(kernels.PADDED_STRIDES, "emulated", padded)
     check_pieces(M, C, K, V)
+
+
+GRADS_CASES = [
+    # M, C, K, V, (threads, threadgroup bytes, padded strides)
+    (2, 16, 32, 32, (256, 32768, False)),   # more threads than tiles
+    (2, 32, 60, 100, (64, 32768, True)),    # K, V not multiples of the blocks
+    (1, 64, 60, 36, (64, 32768, False)),    # 64 threads: 3 C x C tiles and 4 items a thread
+    (2, 64, 128, 40, (256, 32768, False)),  # Metal's 32 KB exactly (16-column stages)
+    (1, 64, 200, 24, (256, 49152, True)),   # the CUDA default, the 1.3B K
+]
+
+
+@pytest.mark.parametrize("M,C,K,V,config", GRADS_CASES)
+def test_chunk_grads_kernel_matches_ops(emulated, monkeypatch, M, C, K, V, config):
+    threads, limit, padded = config
+    monkeypatch.setattr(kernels, "PIECES_THREADS", threads)
+    monkeypatch.setitem(kernels.THREADGROUP_BYTES, "emulated", limit)
+    monkeypatch.setitem(kernels.PADDED_STRIDES, "emulated", padded)
+    check_grads(M, C, K, V)
 
 
 LAYOUT_CASES = [

@@ -143,7 +143,8 @@ class _ChunkPieces:
     def __init__(self, q, k, v, g, beta):
         C = q.shape[-2]
         self.incl, self.strict = _masks(C)
-        gamma, self.eg, self.tail, self.decay, self.Kt = fused(_gates)(g, k)
+        self.gamma, self.eg, self.tail, self.decay, self.Kt = fused(_gates)(g, k)
+        gamma = self.gamma
         if kernels.backend() == "ops":
             self.Gam, self.KKG, self.A, self.P = fused(_pieces_before_inverse)(
                 q, k, gamma, beta, self.incl, self.strict)
@@ -210,6 +211,8 @@ def _backward_block(q, k, v, g, beta, do, dhT, states, u, segments):
     scan = _scan_backward if kernels.backend() == "ops" else kernels.scan_backward
     Qg, PdO, QdO = fused(_scan_backward_inputs)(q, pc.eg, pc.P, do)
     du, dh_next, dh0 = scan(PdO, QdO, pc.Kt, pc.W, pc.decay, dhT, segments)
+    if kernels.backend() != "ops":
+        return _backward_after_scan_kernel(q, k, v, beta, do, states, u, du, dh_next, pc) + (dh0,)
     return tuple(fused(_backward_after_scan)(
         q, k, v, beta, do, states, u, du, dh_next, Qg, pc.incl, pc.strict, pc.Gam, pc.eg, pc.tail,
         pc.decay, pc.KKG, pc.A, pc.P, pc.Tinv, pc.W, pc.U, pc.Kt)) + (dh0,)
@@ -250,12 +253,25 @@ def _backward_after_scan(q, k, v, beta, do, states, u, du, dh_next, Qg, incl, st
     # rowsum - colsum, so nothing cancels in float32.
     zKt = mx.sum(dKt * Kt, axis=-1, keepdims=True)
     dgamma = mx.sum(dQg * Qg, axis=-1, keepdims=True) + beta * eg * dKb_k
-    dchunk = decay * mx.sum(states * dh_next, axis=(-2, -1), keepdims=True)
+    dchunk = _chunk_decay_grad(states, dh_next, decay)
     rows_below = mx.cumsum(dP * P + dA * A, axis=-2, reverse=True)  # [t, j] = sum_{i >= t}
     dg = (mx.cumsum(dgamma, axis=-2, reverse=True) + dchunk
           + mx.sum(mx.where(strict, rows_below, 0.0), axis=-1, keepdims=True)
           + mx.cumsum(zKt, axis=-2) - zKt)
     return dq, dk, dv, dg, dbeta
+
+
+def _backward_after_scan_kernel(q, k, v, beta, do, states, u, du, dh_next, pc):
+    """_backward_after_scan on a GPU: the three products with the K x V states as GEMMs, the rest in
+    metal_kernels/chunk_grads.metal."""
+    du_h, dKt, dQg = _mm_nt(du, states), _mm_nt(u, dh_next), _mm_nt(do, states)
+    dchunk = fused(_chunk_decay_grad)(states, dh_next, pc.decay)
+    return kernels.chunk_grads(q, k, v, do, u, du, du_h, dKt, dQg, pc.Tinv, pc.W, pc.U, pc.KKG, pc.P,
+                               pc.gamma, beta, dchunk)
+
+
+def _chunk_decay_grad(states, dh_next, decay):
+    return decay * mx.sum(states * dh_next, axis=(-2, -1), keepdims=True)
 
 
 _cpu_streams = []

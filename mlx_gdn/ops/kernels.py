@@ -19,6 +19,8 @@ SPECS = {
     "chunk_scan": _SCAN_IO,  # the SIMT and the SIMD-group-matrix scans take the same arguments
     "chunk_scan_mma": _SCAN_IO,
     "chunk_pieces": (["q", "k", "v", "gamma", "beta"], ["KKG", "P", "T", "W", "U"]),
+    "chunk_grads": (["q", "k", "v", "dout", "u", "du", "du_h", "dKt", "dQg", "T", "W", "U", "KKG", "P",
+                     "gamma", "beta", "dchunk"], ["dq", "dk", "dv", "dg", "dbeta"]),
     "rows_to_chunks": (["x", "src", "scale"], ["y"]),
     "chunks_to_rows": (["y", "x", "dst", "scale"], ["out"]),
 }
@@ -199,6 +201,33 @@ def chunk_pieces(q, k, v, gamma, beta):
         output_shapes=[(*lead, C, C)] * 3 + [(*lead, C, K), (*lead, C, V)],
         output_dtypes=[mx.float32] * 5)
     return tuple(outs)
+
+
+def _grads_config(C, limit, padded):
+    """chunk_grads.metal's staged column block KC and row strides: the widest KC that fits `limit`."""
+    cs = C + (4 if padded else 0)
+    for kc in (16, 8, 4):
+        if 4 * (max(4 * kc * cs, C * cs) + C * cs) <= limit:
+            return (("KC", kc), ("CS", cs), ("TS", cs))
+    raise ValueError(f"chunk_grads: C = {C} does not fit {limit} bytes of threadgroup memory")
+
+
+def chunk_grads(q, k, v, do, u, du, du_h, dKt, dQg, Tinv, W, U, KKG, P, gamma, beta, dchunk):
+    """The chunk grads kernel on chunk-major float32 arrays (q, k [..., C, K]; v, do, u, du
+    [..., C, V]; C x C pieces; gamma, beta [..., C, 1]; dchunk one per chunk): (dq, dk, dv, dg, dbeta)
+    as chunk._backward_after_scan gives them, from the GEMMs du_h = du h^T, dKt = u dh'^T, dQg = dO h^T."""
+    *lead, C, K = q.shape
+    V = v.shape[-1]
+    M = q.size // (C * K)
+    threads = max(PIECES_THREADS, -(-C // 32) * 32)
+    limit = THREADGROUP_BYTES.get(backend(), THREADGROUP_BYTES["metal"])
+    extra = _grads_config(C, limit, PADDED_STRIDES.get(backend(), False))
+    return tuple(get_kernel("chunk_grads")(
+        inputs=[q, k, v, do, u, du, du_h, dKt, dQg, Tinv, W, U, KKG, P, gamma, beta, dchunk],
+        template=[("K", K), ("V", V), ("C", C), ("THREADS", threads), *extra],
+        grid=(threads, M, 1), threadgroup=(threads, 1, 1),
+        output_shapes=[(*lead, C, K)] * 2 + [(*lead, C, V)] + [(*lead, C, 1)] * 2,
+        output_dtypes=[mx.float32] * 5))
 
 
 LAYOUT_ROWS = 8  # rows_to_chunks / chunks_to_rows: rows (SIMD groups) per threadgroup
