@@ -90,6 +90,8 @@ def parts(B, T, H, K, V, C=64):
     mx.eval(args)
     out["bwd_after_scan_ms"] = time_mlx(lambda: chunk.fused(chunk._backward_after_scan)(*args))
     out["bwd_after_scan_uncompiled_ms"] = time_mlx(lambda: chunk._backward_after_scan(*args))
+    out["bwd_after_scan_kernel_ms"] = time_mlx(lambda: chunk._backward_after_scan_kernel(
+        cq, ck, cv, cb, do, states, u, du, dh_next, pc))
     out["bwd_block_ms"] = time_mlx(lambda: chunk._backward_block(cq, ck, cv, cg, cb, do, h0, states, u, seg))
     # single products of the after-scan part, to see what one such launch costs at this shape
     t = chunk._t
