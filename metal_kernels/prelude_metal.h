@@ -2,7 +2,8 @@
 // the CUDA prelude (prelude_cuda.h) and the CPU emulator's shim (tests/emulator/shim.h) also define:
 //   thread_position_in_grid / _in_threadgroup, threadgroup_position_in_grid, threads_per_threadgroup
 //   (uint3), thread_index_in_simdgroup, simdgroup_index_in_threadgroup (uint);
-//   `threadgroup T name[N];` declarations; threadgroup_barrier(mem_flags::mem_threadgroup);
+//   `threadgroup T name[N];` declarations; threadgroup_barrier(mem_flags::mem_threadgroup), or with
+//   mem_flags::mem_device | mem_flags::mem_threadgroup where threads read device memory others wrote;
 //   float4 as a plain record: threadgroup arrays and locals of it, whole copies, .x .y .z .w,
 //   built by make_float4(x, y, z, w) (CUDA's own; defined below for Metal);
 //   simd_sum(float), called by all 32 lanes of a SIMD group; exp, log, rsqrt on float;

@@ -16,7 +16,8 @@ The backward recomputes the per-chunk pieces (C x C matrices, W, U), keeps one K
 occupy consecutive chunks; the scans restart at each segment's first chunk. Both passes go through
 blocks of BLOCK_TOKENS (forward) / BACKWARD_BLOCK_TOKENS tokens, the scan state carried between
 blocks, to bound memory at long T.
-On Metal/CUDA the chunk pieces and the two scans are kernels of metal_kernels/ (see kernels.py).
+On Metal/CUDA the chunk pieces, the two scans and the backward's work after the reverse scan are
+kernels of metal_kernels/ (see kernels.py).
 """
 
 import os
