@@ -19,7 +19,8 @@
 //      added to dk; the row sums of dbeta and dg reduced through x_s; dbeta and dg written.
 //   S. dKK + dKK^T in x_s, C columns of k in y_s: added to dk.
 // dk is read back by other threads between phases: those barriers order device memory too.
-// Grid (THREADS, M, 1), threadgroup (THREADS, 1, 1), THREADS >= C.
+// Grid (THREADS * M, 1, 1), threadgroup (THREADS, 1, 1), THREADS >= C: threadgroup m is chunk m (the
+// x dimension, as CUDA allows up to 2^31 - 1 blocks there and 65535 in y).
 // Template: K, V, C (a multiple of 8), THREADS (a multiple of 32), KC (a multiple of 4), CS (row
 // stride of x_s and y_s as C x C arrays, >= C), TS (row stride of phase A's staged blocks, >= C).
 // Inputs: q, k, dQg, du_h, dKt, W [M,C,K]; v, dout, u, du, U [M,C,V]; T, KKG, P [M,C,C];
@@ -41,7 +42,7 @@ constexpr int RX = 4 * KC * TS > C * CS ? 4 * KC * TS : C * CS;
 threadgroup float x_s[RX];
 threadgroup float y_s[C * CS];
 const uint tid = thread_position_in_threadgroup.x;
-const uint m = threadgroup_position_in_grid.y;
+const uint m = threadgroup_position_in_grid.x;
 const uint g0 = m * C;  // the chunk's first row
 const uint t0 = m * C * C;  // the chunk's C x C matrices
 

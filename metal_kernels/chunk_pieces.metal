@@ -11,7 +11,8 @@
 //    S_ij = sum_{j <= b < i} (-A_ib) T_bj.
 // 4. W and U, C columns at a time: the scaled k or v block staged in y_s, T times it (lower 8x8
 //    blocks only) on 4 x 4 register tiles, written out.
-// Grid (THREADS, M, 1), threadgroup (THREADS, 1, 1), THREADS >= C.
+// Grid (THREADS * M, 1, 1), threadgroup (THREADS, 1, 1), THREADS >= C: threadgroup m is chunk m (the
+// x dimension, as CUDA allows up to 2^31 - 1 blocks there and 65535 in y).
 // Template: K, V, C (a multiple of 8), THREADS (a multiple of 32), KC (a multiple of 8), and the row
 // strides of the threadgroup arrays (padded on CUDA against bank conflicts): CS (C x C, >= C), TS
 // (staged q^T and k^T, >= C).
@@ -33,7 +34,7 @@ threadgroup float x_s[RX];  // stage of q^T, k^T; then Q K^T; then T
 threadgroup float y_s[C * CS];  // K K^T, then -A; then a staged k or v block
 const uint tid = thread_position_in_threadgroup.x;
 const int sg = (int)simdgroup_index_in_threadgroup;
-const uint m = threadgroup_position_in_grid.y;
+const uint m = threadgroup_position_in_grid.x;
 const uint g0 = m * C;  // the chunk's first row in gamma, beta, q, k, v
 
 // 1. K K^T and Q K^T: thread tile (ti, tj), ti >= tj, rows 4 ti + a, columns 4 tj + b

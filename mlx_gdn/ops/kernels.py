@@ -197,7 +197,7 @@ def chunk_pieces(q, k, v, gamma, beta):
     outs = get_kernel("chunk_pieces")(
         inputs=[q, k, v, gamma, beta],
         template=[("K", K), ("V", V), ("C", C), ("THREADS", threads), *extra],
-        grid=(threads, M, 1), threadgroup=(threads, 1, 1),
+        grid=(threads * M, 1, 1), threadgroup=(threads, 1, 1),
         output_shapes=[(*lead, C, C)] * 3 + [(*lead, C, K), (*lead, C, V)],
         output_dtypes=[mx.float32] * 5)
     return tuple(outs)
@@ -225,7 +225,7 @@ def chunk_grads(q, k, v, do, u, du, du_h, dKt, dQg, Tinv, W, U, KKG, P, gamma, b
     return tuple(get_kernel("chunk_grads")(
         inputs=[q, k, v, do, u, du, du_h, dKt, dQg, Tinv, W, U, KKG, P, gamma, beta, dchunk],
         template=[("K", K), ("V", V), ("C", C), ("THREADS", threads), *extra],
-        grid=(threads, M, 1), threadgroup=(threads, 1, 1),
+        grid=(threads * M, 1, 1), threadgroup=(threads, 1, 1),
         output_shapes=[(*lead, C, K)] * 2 + [(*lead, C, V)] + [(*lead, C, 1)] * 2,
         output_dtypes=[mx.float32] * 5))
 
