@@ -30,13 +30,19 @@ def check_scans(N, B, HV, C, K, V, segments, tol=1e-5):
         assert rms_rel(np.array(a), np.array(b)) <= tol, name
 
 
-def check_pieces(M, C, K, V, tol=1e-5):
-    """The chunk pieces kernel (run by whatever kernels.backend() is) against the ops pieces."""
+def _chunk_inputs(M, C, K, V):
+    """Random chunk-major q, k, v, g, beta of M chunks (one head), and the normal sampler used."""
     rng = np.random.default_rng(M * C + K + V)
     r = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32))
     q, k, v = r(M, 1, C, K) / np.sqrt(K), r(M, 1, C, K) / np.sqrt(K), r(M, 1, C, V)
     g = mx.array(-rng.uniform(0.0, 0.2, (M, 1, C, 1)).astype(np.float32))
     beta = mx.array(rng.uniform(0.0, 1.0, (M, 1, C, 1)).astype(np.float32))
+    return r, (q, k, v, g, beta)
+
+
+def check_pieces(M, C, K, V, tol=1e-5):
+    """The chunk pieces kernel (run by whatever kernels.backend() is) against the ops pieces."""
+    _, (q, k, v, g, beta) = _chunk_inputs(M, C, K, V)
     got = chunk._ChunkPieces(q, k, v, g, beta)
     with kernels.use_factory("ops", None):
         ref = chunk._ChunkPieces(q, k, v, g, beta)
@@ -88,11 +94,7 @@ def check_layout(B, T, H, HV, D, C, cu_seqlens, l2norm, dtype, tol=1e-5):
 
 def check_grads(M, C, K, V, tol=1e-5):
     """The chunk grads kernel (after the reverse scan) against chunk._backward_after_scan."""
-    rng = np.random.default_rng(M * C + K + V)
-    r = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32))
-    q, k, v = r(M, 1, C, K) / np.sqrt(K), r(M, 1, C, K) / np.sqrt(K), r(M, 1, C, V)
-    g = mx.array(-rng.uniform(0.0, 0.2, (M, 1, C, 1)).astype(np.float32))
-    beta = mx.array(rng.uniform(0.0, 1.0, (M, 1, C, 1)).astype(np.float32))
+    r, (q, k, v, g, beta) = _chunk_inputs(M, C, K, V)
     with kernels.use_factory("ops", None):
         pc = chunk._ChunkPieces(q, k, v, g, beta)
     do, u, du = r(M, 1, C, V), r(M, 1, C, V), r(M, 1, C, V)

@@ -77,12 +77,16 @@ PIECES_CASES = [
 ]
 
 
-@pytest.mark.parametrize("M,C,K,V,config", PIECES_CASES)
-def test_chunk_pieces_kernel_matches_ops(emulated, monkeypatch, M, C, K, V, config):
-    threads, limit, padded = config
+def chunk_kernel_config(monkeypatch, threads, limit, padded):
+    """The chunk pieces / grads kernels' threads, threadgroup memory and padding for the emulator."""
     monkeypatch.setattr(kernels, "PIECES_THREADS", threads)
     monkeypatch.setitem(kernels.THREADGROUP_BYTES, "emulated", limit)
     monkeypatch.setitem(kernels.PADDED_STRIDES, "emulated", padded)
+
+
+@pytest.mark.parametrize("M,C,K,V,config", PIECES_CASES)
+def test_chunk_pieces_kernel_matches_ops(emulated, monkeypatch, M, C, K, V, config):
+    chunk_kernel_config(monkeypatch, *config)
     check_pieces(M, C, K, V)
 
 
@@ -98,10 +102,7 @@ GRADS_CASES = [
 
 @pytest.mark.parametrize("M,C,K,V,config", GRADS_CASES)
 def test_chunk_grads_kernel_matches_ops(emulated, monkeypatch, M, C, K, V, config):
-    threads, limit, padded = config
-    monkeypatch.setattr(kernels, "PIECES_THREADS", threads)
-    monkeypatch.setitem(kernels.THREADGROUP_BYTES, "emulated", limit)
-    monkeypatch.setitem(kernels.PADDED_STRIDES, "emulated", padded)
+    chunk_kernel_config(monkeypatch, *config)
     check_grads(M, C, K, V)
 
 
