@@ -4,7 +4,7 @@ compiled by nvcc/ptxas for sm_90. Costs no device time; occupancy follows from t
 SM has 65,536 registers and 228 KB of shared memory).
 
     python benchmarks/cuda_resource_usage.py chunk_pieces K=128 V=128 C=64 THREADS=256 KC=32 CS=68 TS=68
-    python benchmarks/cuda_resource_usage.py chunk_scan_mma K=128 V=128 C=64 N=128 R=16 THREADS=512 \\
+    python benchmarks/cuda_resource_usage.py chunk_scan_mma K=128 V=128 C=64 THREADS=512 \\
         BV=16 CB=32 KS=4 REVERSE=false HAS_Y=false AST=132 BST=36 HST=24
 """
 
@@ -19,7 +19,7 @@ import metal_kernels  # noqa: E402
 from mlx_gdn.ops import kernels  # noqa: E402
 
 
-INT_INPUTS = {"seg_start", "seg_end", "src", "dst"}  # every other buffer is float here
+INT_INPUTS = {"seg_start", "seg_end", "src", "dst", "dims"}  # every other buffer is float here
 
 
 def _constant(name, value):

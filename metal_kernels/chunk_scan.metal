@@ -15,10 +15,11 @@
 // do not depend on h, so global-memory latency stays off the sequential path. The product A h has
 // only (CB / 4) x (BV / 4) tiles a stage; when threads outnumber them, the k sum is split KS ways
 // (short dependent chains) and the partial sums meet in threadgroup memory.
-// Template: K, V, C, N (chunks), R, THREADS, BV (a multiple of 4 dividing 4 * THREADS), CB (rows per
+// Template: K, V, C, THREADS, BV (a multiple of 4 dividing 4 * THREADS), CB (rows per
 // stage, a multiple of 4 dividing C), REVERSE, HAS_Y.
 // Inputs: A, Bm [N,R,C,K]; X [N,R,C,V]; Y [N,R,K,V] (read only if HAS_Y); decay [N,R];
-// h_in [S*R,K,V]; seg_start, seg_end [N] int32.
+// h_in [S*R,K,V]; seg_start, seg_end [N] int32; dims [2] int32: N (chunks) and R (rows, batch x
+// value heads), read at run time so that a new sequence length needs no new kernel.
 // Outputs: states [N,R,K,V] (the state entering chunk n, in scan order); x_new [N,R,C,V];
 // h_out [S*R,K,V].
 constexpr int VG = BV / 4;                          // column groups of 4 per tile
@@ -40,6 +41,7 @@ threadgroup float4 h_s[KG * 4 * VG];                // h_s[k * VG + cg]: state r
 threadgroup float4 x_s[C * VG];                     // x_s[c * VG + cg]
 threadgroup float4 m_s[KG * 4 * RG];                // A: m_s[k * RG + rg], rows 4 rg ...; B: m_s[c * KG + kg]
 threadgroup float4 p_s[KS * CB * VG];               // partial sums of A h, one set per k split
+const int N = dims[0], R = dims[1];
 const uint tid = thread_position_in_threadgroup.x;
 const uint r = threadgroup_position_in_grid.z;
 const int cg = (int)(tid % VG);                     // update: this thread's column group

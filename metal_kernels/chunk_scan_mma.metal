@@ -17,12 +17,13 @@
 //      stages in registers (B staged transposed) and stored back after the last stage.
 // The next stage's rows of A or B (and X) are loaded into registers while the current one computes:
 // they do not depend on h, so the global-memory latency stays off the sequential path.
-// Template: K, V, C, N (chunks), R, THREADS (a multiple of 32), BV (a multiple of 8), CB (rows per
+// Template: K, V, C, THREADS (a multiple of 32), BV (a multiple of 8), CB (rows per
 // stage, a multiple of 8 dividing C), KS (ways the k sum of A h is split), REVERSE, HAS_Y, and the
 // row strides of the threadgroup arrays (padded on CUDA against bank conflicts): AST (staged A, >= K
 // rounded up to 8), BST (staged B^T, >= CB), HST (h_s, x_s, p_s, >= BV).
 // Inputs: A, Bm [N,R,C,K]; X [N,R,C,V]; Y [N,R,K,V] (read only if HAS_Y); decay [N,R];
-// h_in [S*R,K,V]; seg_start, seg_end [N] int32.
+// h_in [S*R,K,V]; seg_start, seg_end [N] int32; dims [2] int32: N (chunks) and R (rows, batch x
+// value heads), read at run time so that a new sequence length needs no new kernel.
 // Outputs: states [N,R,K,V] (the state entering chunk n, in scan order); x_new [N,R,C,V];
 // h_out [S*R,K,V].
 constexpr int SG = THREADS / 32;                   // SIMD groups
@@ -42,6 +43,7 @@ threadgroup float m_s[MS];                         // the staged rows of A, or o
 threadgroup float h_s[KB * 8 * HST];
 threadgroup float x_s[C * HST];                    // -s x: the update adds B^T x_s
 threadgroup float p_s[KS * CB * HST];
+const int N = dims[0], R = dims[1];
 const uint tid = thread_position_in_threadgroup.x;
 const int sg = (int)simdgroup_index_in_threadgroup;
 const uint r = threadgroup_position_in_grid.z;

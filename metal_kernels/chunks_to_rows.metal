@@ -5,11 +5,13 @@
 // to the raw rows x: out = scale * (r s - r^3 (x . s) x), r = rsqrt(sum x^2 + 1e-6), s the head sum.
 // Grid (32 * B * T * HX, 1, 1), threadgroup (32 * rows, 1, 1): one SIMD group per output row
 // (b, t, hx), hx fastest; lane l holds columns l + 32 j.
-// Template: OutT, XT, D, T, HX, HV (a multiple of HX), B, C, L2NORM.
+// Template: OutT, XT, D, HX, HV (a multiple of HX), C, L2NORM. The sizes that change from call to
+// call come in `dims` (no new kernel for each sequence length).
 // Inputs: y [N * B, HV, C, D] float32; x [B,T,HX,D] XT (read with L2NORM only); dst [T] int32;
-// scale [1] float32. Output: out [B,T,HX,D] OutT.
+// scale [1] float32; dims [2] int32: T, B. Output: out [B,T,HX,D] OutT.
 constexpr int ND = (D + 31) / 32;
 constexpr int G = HV / HX;
+const uint T = dims[0], B = dims[1];
 const uint lane = thread_index_in_simdgroup;
 const uint row = thread_position_in_grid.x / 32;
 if (row >= B * T * HX) {

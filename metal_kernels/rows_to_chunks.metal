@@ -5,11 +5,13 @@
 // and the backward's cotangent of the output (do).
 // Grid (32 * NC * B * HV, 1, 1), threadgroup (32 * rows, 1, 1): one SIMD group per output row
 // (p, b, hv), hv fastest; lane l holds columns l + 32 j.
-// Template: InT, D, T, HX (heads of x), HV (output heads, a multiple of HX), B, C, NC (padded
-// positions per batch row, a multiple of C), L2NORM.
-// Inputs: x [B,T,HX,D] InT; src [NC] int32 (the token at padded position p, or -1); scale [1] float32.
+// Template: InT, D, HX (heads of x), HV (output heads, a multiple of HX), C, L2NORM. The sizes that
+// change from call to call come in `dims` (no new kernel for each sequence length).
+// Inputs: x [B,T,HX,D] InT; src [NC] int32 (the token at padded position p, or -1; NC a multiple of
+// C); scale [1] float32; dims [3] int32: T, B, NC.
 // Output: y [NC / C * B, HV, C, D] float32.
 constexpr int ND = (D + 31) / 32;
+const uint T = dims[0], B = dims[1], NC = dims[2];
 const uint lane = thread_index_in_simdgroup;
 const uint row = thread_position_in_grid.x / 32;
 if (row >= NC * B * HV) {

@@ -145,15 +145,14 @@ class _ChunkPieces:
         C = q.shape[-2]
         self.incl, self.strict = _masks(C)
         self.gamma, self.eg, self.tail, self.decay, self.Kt = fused(_gates)(g, k)
-        gamma = self.gamma
         if kernels.backend() == "ops":
             self.Gam, self.KKG, self.A, self.P = fused(_pieces_before_inverse)(
-                q, k, gamma, beta, self.incl, self.strict)
+                q, k, self.gamma, beta, self.incl, self.strict)
             self.Tinv = invert_unit_lower(self.A)
             self.W, self.U = fused(_pieces_after_inverse)(self.Tinv, k, v, beta, self.eg)
         else:
-            self.KKG, self.P, self.Tinv, self.W, self.U = kernels.chunk_pieces(q, k, v, gamma, beta)
-            self.Gam, self.A = fused(_gated_from_kernel)(gamma, self.KKG, beta, self.incl)
+            self.KKG, self.P, self.Tinv, self.W, self.U = kernels.chunk_pieces(q, k, v, self.gamma, beta)
+            self.Gam, self.A = fused(_gated_from_kernel)(self.gamma, self.KKG, beta, self.incl)
 
 
 def _scan_forward(W, U, Kt, decay, h0, segments):

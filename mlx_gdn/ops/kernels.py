@@ -12,7 +12,8 @@ import mlx.core as mx
 
 import metal_kernels
 
-_SCAN_IO = (["A", "X", "Bm", "Y", "decay", "h_in", "seg_start", "seg_end"], ["states", "x_new", "h_out"])
+_SCAN_IO = (["A", "X", "Bm", "Y", "decay", "h_in", "seg_start", "seg_end", "dims"],
+            ["states", "x_new", "h_out"])
 SPECS = {
     "decode_step": (["q", "k", "v", "g", "beta", "A_log", "dt_bias", "scale", "state_in"],
                     ["o", "state_out"]),
@@ -21,8 +22,8 @@ SPECS = {
     "chunk_pieces": (["q", "k", "v", "gamma", "beta"], ["KKG", "P", "T", "W", "U"]),
     "chunk_grads": (["q", "k", "v", "dout", "u", "du", "du_h", "dKt", "dQg", "T", "W", "U", "KKG", "P",
                      "gamma", "beta", "dchunk"], ["dq", "dk", "dv", "dg", "dbeta"]),
-    "rows_to_chunks": (["x", "src", "scale"], ["y"]),
-    "chunks_to_rows": (["y", "x", "dst", "scale"], ["out"]),
+    "rows_to_chunks": (["x", "src", "scale", "dims"], ["y"]),
+    "chunks_to_rows": (["y", "x", "dst", "scale", "dims"], ["out"]),
 }
 TG_COLUMNS = 4  # decode: value columns (SIMD groups) per threadgroup
 # Chunk scan: value columns per threadgroup (smaller where threadgroup memory is short) and threads.
@@ -150,8 +151,8 @@ def _scan(A, X, Bm, Y, decay, h_in, segments, reverse):
     has_y = Y is not None
     states, x_new, h_out = get_kernel(name)(
         inputs=[A, X, Bm, Y if has_y else mx.zeros((1,)), decay.reshape(N, R), h_in,
-                *_scan_flags(segments, N, reverse)],
-        template=[("K", K), ("V", V), ("C", C), ("N", N), ("R", R), ("THREADS", threads), ("BV", tile), ("CB", rows),
+                *_scan_flags(segments, N, reverse), mx.array([N, R], dtype=mx.int32)],
+        template=[("K", K), ("V", V), ("C", C), ("THREADS", threads), ("BV", tile), ("CB", rows),
                   ("REVERSE", reverse), ("HAS_Y", has_y), *extra],
         grid=(threads, -(-V // tile), R), threadgroup=(threads, 1, 1),
         output_shapes=[(N, R, K, V), (N, R, C, V), (S * R, K, V)],
@@ -241,9 +242,8 @@ def rows_to_chunks(x, src, heads, C, *, scale=1.0, l2norm=False):
     NC = src.shape[0]
     rows = NC * B * heads
     return get_kernel("rows_to_chunks")(
-        inputs=[x, src, mx.array([scale], dtype=mx.float32)],
-        template=[("InT", x.dtype), ("D", D), ("T", T), ("HX", HX), ("HV", heads), ("B", B), ("C", C),
-                  ("NC", NC), ("L2NORM", l2norm)],
+        inputs=[x, src, mx.array([scale], dtype=mx.float32), mx.array([T, B, NC], dtype=mx.int32)],
+        template=[("InT", x.dtype), ("D", D), ("HX", HX), ("HV", heads), ("C", C), ("L2NORM", l2norm)],
         grid=(32 * rows, 1, 1), threadgroup=(32 * LAYOUT_ROWS, 1, 1),
         output_shapes=[(NC // C * B, heads, C, D)], output_dtypes=[mx.float32])[0]
 
@@ -257,9 +257,9 @@ def chunks_to_rows(y, dst, B, heads, dtype, *, scale=1.0, x=None):
     rows = B * T * heads
     return get_kernel("chunks_to_rows")(
         inputs=[y, mx.zeros((1,), dtype=dtype) if x is None else x, dst,
-                mx.array([scale], dtype=mx.float32)],
-        template=[("OutT", dtype), ("XT", dtype if x is None else x.dtype), ("D", D), ("T", T),
-                  ("HX", heads), ("HV", HV), ("B", B), ("C", C), ("L2NORM", x is not None)],
+                mx.array([scale], dtype=mx.float32), mx.array([T, B], dtype=mx.int32)],
+        template=[("OutT", dtype), ("XT", dtype if x is None else x.dtype), ("D", D), ("HX", heads),
+                  ("HV", HV), ("C", C), ("L2NORM", x is not None)],
         grid=(32 * rows, 1, 1), threadgroup=(32 * LAYOUT_ROWS, 1, 1),
         output_shapes=[(B, T, heads, D)], output_dtypes=[dtype])[0]
 
