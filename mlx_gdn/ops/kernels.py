@@ -86,6 +86,13 @@ def get_kernel(name):
     return _compiled[key]
 
 
+def _threadgroup_memory():
+    """(bytes a threadgroup may use, whether to pad row strides) for the current backend; a runner
+    not named (the emulator) gets Metal's limit and no padding unless a test sets them."""
+    which = backend()
+    return THREADGROUP_BYTES.get(which, THREADGROUP_BYTES["metal"]), PADDED_STRIDES.get(which, False)
+
+
 def _scan_flags(segments, N, reverse):
     """Per chunk, in scan order: the segment whose scan starts / ends there, or -1."""
     start, end = [-1] * N, [-1] * N
@@ -140,11 +147,11 @@ def _scan(A, X, Bm, Y, decay, h_in, segments, reverse):
     S = len(segments)
     B = h_in.shape[0] // S
     N, R = NB // B, B * HV
-    # more staged rows a step where the runner allows (fewer barriers); the emulator keeps Metal's limit
-    limit = THREADGROUP_BYTES.get(backend(), THREADGROUP_BYTES["metal"])
+    # more staged rows a step where the runner allows (fewer barriers)
+    limit, padded = _threadgroup_memory()
     if SCAN_KERNEL == "mma":
         name, threads = "chunk_scan_mma", MMA_SCAN_THREADS
-        tile, rows, extra = _mma_scan_config(K, C, threads, limit, PADDED_STRIDES.get(backend(), False))
+        tile, rows, extra = _mma_scan_config(K, C, threads, limit, padded)
     else:
         name, threads, extra = "chunk_scan", SCAN_THREADS, ()
         tile, rows = _scan_tiles(K, C, threads, limit)
@@ -193,8 +200,7 @@ def chunk_pieces(q, k, v, gamma, beta):
     V = v.shape[-1]
     M = q.size // (C * K)
     threads = max(PIECES_THREADS, -(-C // 32) * 32)
-    limit = THREADGROUP_BYTES.get(backend(), THREADGROUP_BYTES["metal"])
-    extra = _pieces_config(C, limit, PADDED_STRIDES.get(backend(), False))
+    extra = _pieces_config(C, *_threadgroup_memory())
     outs = get_kernel("chunk_pieces")(
         inputs=[q, k, v, gamma, beta],
         template=[("K", K), ("V", V), ("C", C), ("THREADS", threads), *extra],
@@ -221,8 +227,7 @@ def chunk_grads(q, k, v, do, u, du, du_h, dKt, dQg, Tinv, W, U, KKG, P, gamma, b
     V = v.shape[-1]
     M = q.size // (C * K)
     threads = max(PIECES_THREADS, -(-C // 32) * 32)
-    limit = THREADGROUP_BYTES.get(backend(), THREADGROUP_BYTES["metal"])
-    extra = _grads_config(C, limit, PADDED_STRIDES.get(backend(), False))
+    extra = _grads_config(C, *_threadgroup_memory())
     return tuple(get_kernel("chunk_grads")(
         inputs=[q, k, v, do, u, du, du_h, dKt, dQg, Tinv, W, U, KKG, P, gamma, beta, dchunk],
         template=[("K", K), ("V", V), ("C", C), ("THREADS", threads), *extra],
