@@ -42,10 +42,13 @@ def parts(B, T, H, K, V, C=64):
     # the same through the layout kernels (q, k, v) and compiled ops (g, beta), and its VJP
     src, dst = gated_delta._layout_maps([(0, T)] * B, T, C, False)
     gates = gated_delta._chunked_inputs(opt, C, None, gated_delta._prepare_gates)
-    layout = lambda q, k, v, g, beta: [gated_delta._kernel_to_chunks(x, src, dst, H, C, s, n) for x, s, n in
+    layout = lambda q, k, v, g, beta: [kernels.rows_to_chunks(x, src, H, C, scale=s, l2norm=n) for x, s, n in
                                        ((q, opt.scale, True), (k, 1.0, True), (v, 1.0, False))] + gates(g, beta, *params)
     out["prepare_layout_kernels_ms"] = time_mlx(lambda: layout(q, k, v, g, beta))
-    out["prepare_layout_kernels_vjp_ms"] = time_mlx(lambda: mx.vjp(layout, [q, k, v, g, beta], cots)[1])
+    out["prepare_layout_kernels_vjp_ms"] = time_mlx(lambda: [  # as the op's backward does it
+        kernels.chunks_to_rows(cots[0], dst, B, H, q.dtype, scale=opt.scale, x=q),
+        kernels.chunks_to_rows(cots[1], dst, B, H, k.dtype, x=k), kernels.chunks_to_rows(cots[2], dst, B, H, v.dtype),
+        *mx.vjp(gates, [g, beta, *params], cots[3:])[1]])
     cq, ck, cv, cg, cb = prep()
     mx.eval(cq, ck, cv, cg, cb)
     pieces = lambda: chunk._ChunkPieces(cq, ck, cv, cg, cb)
@@ -77,7 +80,7 @@ def parts(B, T, H, K, V, C=64):
     out["output_ms"] = time_mlx(lambda: chunk.fused(chunk._output)(cq, pc.eg, states, pc.P, u))
     seqs = [(0, T)] * B
     out["output_layout_ops_ms"] = time_mlx(lambda: gated_delta._from_chunks(u, seqs, T, B, False).astype(q.dtype))
-    out["output_layout_kernel_ms"] = time_mlx(lambda: gated_delta._kernel_from_chunks(u, src, dst, B, C, q.dtype))
+    out["output_layout_kernel_ms"] = time_mlx(lambda: kernels.chunks_to_rows(u, dst, B, H, q.dtype))
     out["pieces_kernel_ms"] = time_mlx(lambda: kernels.chunk_pieces(cq, ck, cv, mx.cumsum(cg, axis=-2), cb))
     # the backward's parts (pieces recomputed as above, then these)
     do = mx.random.normal(u.shape)

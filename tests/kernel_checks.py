@@ -55,8 +55,9 @@ def check_pieces(M, C, K, V, tol=1e-5):
 
 
 def check_layout(B, T, H, HV, D, C, cu_seqlens, l2norm, dtype, tol=1e-5):
-    """The layout kernels (rows_to_chunks, chunks_to_rows) and their VJPs against the ops layout
-    (gated_delta._to_chunks / _from_chunks after the L2 norm, scale and head repeat) under autodiff."""
+    """The layout kernels (rows_to_chunks, chunks_to_rows), each as the other's VJP, against the ops
+    layout (gated_delta._to_chunks / _from_chunks after the L2 norm, scale and head repeat) and its
+    autodiff."""
     rng = np.random.default_rng(T + D)
     r = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
     packed = cu_seqlens is not None
@@ -72,24 +73,22 @@ def check_layout(B, T, H, HV, D, C, cu_seqlens, l2norm, dtype, tol=1e-5):
 
     x = r(B, T, H, D)
     y_ref = ops_to_chunks(x)
-    kernel_to_chunks = lambda x: gated_delta._kernel_to_chunks(x, src, dst, HV, C, scale, l2norm)
-    assert rms_rel(np.array(y_ref), np.array(kernel_to_chunks(x))) <= tol
+    y = kernels.rows_to_chunks(x, src, HV, C, scale=scale, l2norm=l2norm)
+    assert rms_rel(np.array(y_ref), np.array(y)) <= tol
     cot = mx.array(rng.standard_normal(y_ref.shape).astype(np.float32))
     (dx_ref,) = mx.vjp(ops_to_chunks, [x], [cot])[1]
-    (dx,) = mx.vjp(kernel_to_chunks, [x], [cot])[1]
+    dx = kernels.chunks_to_rows(cot, dst, B, H, dtype, scale=scale, x=x if l2norm else None)
     assert dx.dtype == dtype
     assert rms_rel(np.array(dx_ref.astype(mx.float32)), np.array(dx.astype(mx.float32))) <= grad_tol
 
     # the output direction: chunk-major float32 back to token rows in the input dtype, and its VJP
     ops_from_chunks = lambda y: gated_delta._from_chunks(y, seqs, T, B, packed).astype(dtype)
-    kernel_from_chunks = lambda y: gated_delta._kernel_from_chunks(y, src, dst, B, C, dtype)
-    o_ref, o = ops_from_chunks(cot), kernel_from_chunks(cot)
+    o_ref, o = ops_from_chunks(cot), kernels.chunks_to_rows(cot, dst, B, HV, dtype)
     assert o.dtype == dtype and np.array_equal(np.array(o_ref.astype(mx.float32)),
                                                np.array(o.astype(mx.float32)))
     do = r(B, T, HV, D)
     (dy_ref,) = mx.vjp(ops_from_chunks, [cot], [do])[1]
-    (dy,) = mx.vjp(kernel_from_chunks, [cot], [do])[1]
-    assert np.array_equal(np.array(dy_ref), np.array(dy))
+    assert np.array_equal(np.array(dy_ref), np.array(kernels.rows_to_chunks(do, src, HV, C)))
 
 
 def check_grads(M, C, K, V, tol=1e-5):

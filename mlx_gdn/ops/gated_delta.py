@@ -3,7 +3,7 @@
 import mlx.core as mx
 
 from . import kernels
-from .chunk import chunk_gated_delta, fused
+from .chunk import chunk_backward, chunk_forward, chunk_gated_delta, fused
 from .recurrent import recurrent_gated_delta
 
 CHUNK_SIZES = (16, 32, 64)
@@ -221,47 +221,44 @@ def _layout_maps(seqs, T, C, packed):
     return mx.array(src, dtype=mx.int32), mx.array(dst, dtype=mx.int32)
 
 
-def _kernel_to_chunks(x, src, dst, heads, C, scale=1.0, l2norm=False):
-    """kernels.rows_to_chunks with its VJP (kernels.chunks_to_rows)."""
-
-    @mx.custom_function
-    def to_chunks(x):
-        return kernels.rows_to_chunks(x, src, heads, C, scale=scale, l2norm=l2norm)
-
-    @to_chunks.vjp
-    def to_chunks_vjp(x, cotangent, _):  # one input, one output: arrays, not tuples
-        return (kernels.chunks_to_rows(cotangent, dst, x.shape[0], x.shape[2], x.dtype, scale=scale,
-                                       x=x if l2norm else None),)
-
-    return to_chunks(x)
-
-
-def _kernel_from_chunks(y, src, dst, B, C, dtype):
-    """kernels.chunks_to_rows (chunk-major float32 -> [B, T, HV, V] in dtype) with its VJP."""
-
-    @mx.custom_function
-    def from_chunks(y):
-        return kernels.chunks_to_rows(y, dst, B, y.shape[1], dtype)
-
-    @from_chunks.vjp
-    def from_chunks_vjp(_, cotangent, __):
-        return (kernels.rows_to_chunks(cotangent, src, cotangent.shape[2], C),)
-
-    return from_chunks(y)
-
-
 def _chunked_with_layout_kernels(opt, C, seqs, packed, segments, h0, q, k, v, g, beta, A_log, dt_bias):
-    """The chunked op with q, k, v taken to the chunk layout (L2 norm and scale applied) and the
-    output taken back by the layout kernels, in one pass over each array each way; the gates, small,
-    through MLX ops. Returns (o [B, T, HV, V] in q's dtype, final state)."""
+    """The chunked op on a GPU, from token rows to token rows in one custom function: q, k, v go to
+    the chunk layout (L2 norm, scale, heads repeated) through kernels.rows_to_chunks, the output
+    comes back through kernels.chunks_to_rows, and the backward takes the cotangents the same ways
+    (the L2 norm's VJP in chunks_to_rows). Only the raw rows are kept for the backward, which lays
+    them out again: not the float32 chunk-major copies. The gates (g, beta: small) are MLX ops.
+    Returns (o [B, T, HV, V] in q's dtype, final state)."""
     B, T, HV = v.shape[:3]
+    H = q.shape[2]
     src, dst = _layout_maps(seqs, T, C, packed)
-    qc = _kernel_to_chunks(q, src, dst, HV, C, opt.scale, opt.l2norm)
-    kc = _kernel_to_chunks(k, src, dst, HV, C, 1.0, opt.l2norm)
-    vc = _kernel_to_chunks(v, src, dst, HV, C)
-    gc, bc = _chunked_inputs(opt, C, seqs if packed else None, _prepare_gates)(g, beta, A_log, dt_bias)
-    o, hT = chunk_gated_delta(qc, kc, vc, gc, bc, h0, segments)
-    return _kernel_from_chunks(o, src, dst, B, C, q.dtype), hT
+    gates = _chunked_inputs(opt, C, seqs if packed else None, _prepare_gates)
+
+    def chunked_qkv(q, k, v):
+        return [kernels.rows_to_chunks(x, src, HV, C, scale=scale, l2norm=l2norm)
+                for x, scale, l2norm in ((q, opt.scale, opt.l2norm), (k, 1.0, opt.l2norm), (v, 1.0, False))]
+
+    @mx.custom_function
+    def core(q, k, v, g, beta, A_log, dt_bias, h0):
+        o, hT, states, u = chunk_forward(*chunked_qkv(q, k, v), *gates(g, beta, A_log, dt_bias), h0,
+                                         segments)
+        return kernels.chunks_to_rows(o, dst, B, HV, q.dtype), hT, states, u
+
+    @core.vjp
+    def core_vjp(primals, cotangents, outputs):
+        q, k, v, g, beta, A_log, dt_bias, h0 = primals
+        _, _, states, u = outputs
+        do = kernels.rows_to_chunks(cotangents[0], src, HV, C)
+        dq, dk, dv, dg, dbeta, dh0 = chunk_backward(
+            *chunked_qkv(q, k, v), *gates(g, beta, A_log, dt_bias), segments, do, cotangents[1],
+            states, u)
+        gate_grads = mx.vjp(gates, [g, beta, A_log, dt_bias], [dg, dbeta])[1]
+        return (kernels.chunks_to_rows(dq, dst, B, H, q.dtype, scale=opt.scale,
+                                       x=q if opt.l2norm else None),
+                kernels.chunks_to_rows(dk, dst, B, H, k.dtype, x=k if opt.l2norm else None),
+                kernels.chunks_to_rows(dv, dst, B, HV, v.dtype), *gate_grads, dh0)
+
+    o, hT, _, _ = core(q, k, v, g, beta, A_log, dt_bias, h0)
+    return o, hT
 
 
 def _prepare(opt, q, k, v, g, beta, A_log, dt_bias):
