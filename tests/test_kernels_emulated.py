@@ -139,21 +139,34 @@ def test_chunked_op_with_kernels_matches_oracle(emulated, B, T, H, HV, D, mask_p
     assert rms_rel(ro, np.array(o)) <= FP32_TOL and rms_rel(rs, np.array(s)) <= FP32_TOL
 
 
-@pytest.mark.parametrize("cu_seqlens", [None, [0, 7, 30, 50]])
-def test_chunked_grads_with_kernels_match_ops(emulated, cu_seqlens):
-    packed = cu_seqlens is not None
+@pytest.mark.parametrize("case", ["plain", "packed", "gates"])
+def test_chunked_grads_with_kernels_match_ops(emulated, case):
+    # GVA throughout; "packed": cu_seqlens and the in-kernel L2 norm; "gates": the layer's options
+    # (gate from A_log and dt_bias, beta sigmoid, allow_neg_eigval), A_log and dt_bias differentiated
+    packed = case == "packed"
     data = make_inputs(5, 1, 50, 2, 4, 32, mask_p=0.3, h0=True, n_states=3 if packed else 1,
-                       unit_k=not packed)
-    names = ("q", "k", "v", "g", "beta", "initial_state")
+                       unit_k=case == "plain")
+    names = ["q", "k", "v", "g", "beta", "initial_state"]
     w = mx.array(np.random.default_rng(1).standard_normal((1, 50, 4, 32)).astype(np.float32))
-    kw = dict(cu_seqlens=mx.array(cu_seqlens), use_qk_l2norm_in_kernel=True) if packed else {}
+    kw = {}
+    if packed:
+        kw = dict(cu_seqlens=mx.array([0, 7, 30, 50]), use_qk_l2norm_in_kernel=True)
+    if case == "gates":
+        rng = np.random.default_rng(2)
+        data["g"] = rng.standard_normal(data["g"].shape).astype(np.float32)  # the raw gate input a
+        data["beta"] = rng.standard_normal(data["beta"].shape).astype(np.float32)
+        data["A_log"] = np.log(rng.uniform(1, 16, 4)).astype(np.float32)
+        data["dt_bias"] = rng.standard_normal(4).astype(np.float32)
+        names += ["A_log", "dt_bias"]
+        kw = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+                  use_beta_sigmoid_in_kernel=True, allow_neg_eigval=True)
 
     def grads():
         def loss(*xs):
             o, s = gated_delta_rule(**dict(zip(names, xs)), output_final_state=True, mode="chunk",
                                     chunk_size=16, **kw)
             return (o * w).sum() + s.sum()
-        return mx.grad(loss, argnums=list(range(6)))(*[mx.array(data[n]) for n in names])
+        return mx.grad(loss, argnums=list(range(len(names))))(*[mx.array(data[n]) for n in names])
 
     got = grads()
     with kernels.use_factory("ops", None):
