@@ -1,13 +1,18 @@
 """Every kernel in metal_kernels/ executed by the CPU emulator (tests/emulator): each against the MLX-ops
-path and the float64 oracle, then the whole op with the kernels in place of the ops scans."""
+path and the float64 oracle, then the whole op, and a whole tiny model's gradients, with the kernels
+in place of the ops path."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 import metal_kernels
 from emulator import EmulatedKernel, executed
+from mlx_gdn.models import Model, ModelArgs, PRESETS
 from mlx_gdn.ops import gated_delta, gated_delta_rule, kernels
+from mlx_gdn.train import loss_fn
 from reference import assert_close, gated_delta_reference, make_inputs, rms_rel
 from kernel_checks import check_grads, check_layout, check_pieces, check_scans
 
@@ -173,6 +178,23 @@ def test_chunked_grads_with_kernels_match_ops(emulated, case):
         ref = grads()
     for n, a, b in zip(names, ref, got):
         assert rms_rel(np.array(a), np.array(b)) <= FP32_TOL, n
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_model_gradients_with_kernels_match_ops(emulated, packed):
+    # a whole tiny model (convolutions, gates, norms around the op), as train.py runs it
+    mx.random.seed(4)
+    model = Model(ModelArgs(**PRESETS["tiny-gdn"]))
+    ids = mx.array(np.random.default_rng(4).integers(0, 500, (2, 41)))
+    docs = mx.array(np.repeat([[0] * 15 + [1] * 25], 2, axis=0)) if packed else None
+    args = (ids[:, :-1], ids[:, 1:], mx.ones((2, 40)), docs)
+    loss, got = nn.value_and_grad(model, loss_fn)(model, *args)
+    with kernels.use_factory("ops", None):
+        ref_loss, ref = nn.value_and_grad(model, loss_fn)(model, *args)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    ref = dict(tree_flatten(ref))
+    for name, g in tree_flatten(got):
+        assert rms_rel(np.array(ref[name]), np.array(g)) <= 1e-4, name
 
 
 DECODE_CASES = [
