@@ -31,11 +31,11 @@ def parts(B, T, H, K, V, C=64):
     q, k, v, beta = (x.astype(mx.bfloat16) for x in (q, k, v, beta))  # as bench_gpu passes them
     opt = gated_delta._Options(K ** -0.5, True, False, False, False, False, False)
     params = (mx.zeros((H,)), mx.zeros((H,)))
-    prep = lambda: gated_delta._chunked_inputs(opt, C, None)(q, k, v, g, beta, *params)  # compiled
+    prep = lambda: gated_delta._chunked_inputs(opt, C, None, gated_delta._prepare)(q, k, v, g, beta, *params)  # compiled
     out = {"prepare_ms": time_mlx(lambda: prep())}
     cots = [mx.ones_like(x) for x in prep()]
     out["prepare_vjp_ms"] = time_mlx(lambda: mx.vjp(
-        lambda *xs: gated_delta._chunked_inputs(opt, C, None)(*xs, *params), [q, k, v, g, beta], cots)[1])
+        lambda *xs: gated_delta._chunked_inputs(opt, C, None, gated_delta._prepare)(*xs, *params), [q, k, v, g, beta], cots)[1])
     chunk.COMPILE = False
     out["prepare_uncompiled_ms"] = time_mlx(lambda: prep())
     chunk.COMPILE = True

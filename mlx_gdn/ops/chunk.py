@@ -17,7 +17,8 @@ occupy consecutive chunks; the scans restart at each segment's first chunk. Both
 blocks of BLOCK_TOKENS (forward) / BACKWARD_BLOCK_TOKENS tokens, the scan state carried between
 blocks, to bound memory at long T.
 On Metal/CUDA the chunk pieces, the two scans and the backward's work after the reverse scan are
-kernels of metal_kernels/ (see kernels.py).
+kernels of metal_kernels/ (see kernels.py). gated_delta.py pairs chunk_forward and chunk_backward in
+one custom function over token rows.
 """
 
 import os
@@ -371,19 +372,3 @@ def chunk_backward(q, k, v, g, beta, segments, do, dhT, states, u):
         grads.append(block_grads)
     return tuple(mx.concatenate(x) for x in zip(*reversed(grads))) + (mx.concatenate(dh0),)
 
-
-def chunk_gated_delta(q, k, v, g, beta, h0, segments):
-    """Chunked gated delta rule with its own VJP. Chunk-major inputs (see the module docstring);
-    h0: [S * B, HV, K, V] for S segments. Returns (o [N * B, HV, C, V], final states like h0)."""
-
-    @mx.custom_function
-    def core(q, k, v, g, beta, h0):
-        return chunk_forward(q, k, v, g, beta, h0, segments)
-
-    @core.vjp
-    def core_vjp(primals, cotangents, outputs):
-        _, _, states, u = outputs
-        return chunk_backward(*primals[:5], segments, cotangents[0], cotangents[1], states, u)
-
-    o, hT, *_ = core(q, k, v, g, beta, h0)
-    return o, hT

@@ -3,7 +3,7 @@
 import mlx.core as mx
 
 from . import kernels
-from .chunk import chunk_backward, chunk_forward, chunk_gated_delta, fused
+from .chunk import chunk_backward, chunk_forward, fused
 from .recurrent import recurrent_gated_delta
 
 CHUNK_SIZES = (16, 32, 64)
@@ -172,14 +172,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
             finals.append(hT_i)
         o, hT = mx.concatenate(outs, axis=1), mx.concatenate(finals, axis=0)
     else:
-        C, segments = chunk_size, _segments(seqs, chunk_size, packed)
-        if kernels.backend() != "ops" and q.dtype == k.dtype == v.dtype:
-            o, hT = _chunked_with_layout_kernels(options, C, seqs, packed, segments, h0,
-                                                 q, k, v, g, beta, *params)
-        else:
-            chunked = _chunked_inputs(options, C, seqs if packed else None)(q, k, v, g, beta, *params)
-            o, hT = chunk_gated_delta(*chunked, h0, segments)
-            o = _from_chunks(o, seqs, T, B, packed).astype(q.dtype)
+        o, hT = _chunked(options, chunk_size, seqs, packed, h0, q, k, v, g, beta, *params)
 
     if not output_final_state:
         return o, None
@@ -196,12 +189,10 @@ class _Options:
 _chunked_fns = {}
 
 
-def _chunked_inputs(opt, C, seqs, prepare=None):
-    """(q, k, v, g, beta, A_log, dt_bias) -> the chunk-major inputs of chunk_gated_delta (or, with
-    prepare=_prepare_gates, (g, beta, A_log, dt_bias) -> g, beta): one function per (options, C) for
-    unpacked rows, so that chunk.fused compiles it once (packed rows, whose gather indices depend on
-    the sequences, are not compiled)."""
-    prepare = prepare or _prepare
+def _chunked_inputs(opt, C, seqs, prepare):
+    """prepare(opt, *xs) followed by the chunk-major layout of each array it returns: one function
+    per (prepare, options, C) for unpacked rows, so that chunk.fused compiles it once (packed rows,
+    whose gather indices depend on the sequences, are not compiled)."""
     chunked = lambda *xs: [_to_chunks(x, seqs, C, seqs is not None) for x in prepare(opt, *xs)]
     if seqs is not None:
         return chunked
@@ -221,41 +212,57 @@ def _layout_maps(seqs, T, C, packed):
     return mx.array(src, dtype=mx.int32), mx.array(dst, dtype=mx.int32)
 
 
-def _chunked_with_layout_kernels(opt, C, seqs, packed, segments, h0, q, k, v, g, beta, A_log, dt_bias):
-    """The chunked op on a GPU, from token rows to token rows in one custom function: q, k, v go to
-    the chunk layout (L2 norm, scale, heads repeated) through kernels.rows_to_chunks, the output
-    comes back through kernels.chunks_to_rows, and the backward takes the cotangents the same ways
-    (the L2 norm's VJP in chunks_to_rows). Only the raw rows are kept for the backward, which lays
-    them out again: not the float32 chunk-major copies. The gates (g, beta: small) are MLX ops.
+def _chunked(opt, C, seqs, packed, h0, q, k, v, g, beta, A_log, dt_bias):
+    """The chunked path from token rows to token rows as one custom function: q, k, v (and the
+    gates) go to chunk.py's chunk-major float32 layout, the output comes back to rows, and the
+    backward takes the cotangents the same two ways. Only the raw inputs are kept for the backward,
+    which lays them out again: not the float32 chunk-major copies, nor the float32 output.
+    On Metal/CUDA (q, k, v of one dtype) the layout of q, k, v and of the output is the layout
+    kernels' (kernels.rows_to_chunks / chunks_to_rows, each the other's VJP, with the L2 norm's);
+    otherwise, and for the gates (small), MLX ops and their autodiff.
     Returns (o [B, T, HV, V] in q's dtype, final state)."""
-    B, T, HV = v.shape[:3]
-    H = q.shape[2]
-    src, dst = _layout_maps(seqs, T, C, packed)
-    gates = _chunked_inputs(opt, C, seqs if packed else None, _prepare_gates)
+    B, T, H = q.shape[:3]
+    HV = v.shape[2]
+    segments = _segments(seqs, C, packed)
+    rows = seqs if packed else None
+    gates = _chunked_inputs(opt, C, rows, _prepare_gates)
+    if kernels.backend() != "ops" and q.dtype == k.dtype == v.dtype:
+        src, dst = _layout_maps(seqs, T, C, packed)
 
-    def chunked_qkv(q, k, v):
-        return [kernels.rows_to_chunks(x, src, HV, C, scale=scale, l2norm=l2norm)
-                for x, scale, l2norm in ((q, opt.scale, opt.l2norm), (k, 1.0, opt.l2norm), (v, 1.0, False))]
+        def qkv_in(q, k, v):
+            return [kernels.rows_to_chunks(x, src, HV, C, scale=scale, l2norm=l2norm)
+                    for x, scale, l2norm in ((q, opt.scale, opt.l2norm), (k, 1.0, opt.l2norm),
+                                             (v, 1.0, False))]
+
+        def qkv_grads(q, k, v, dq, dk, dv):
+            return (kernels.chunks_to_rows(dq, dst, B, H, q.dtype, scale=opt.scale,
+                                           x=q if opt.l2norm else None),
+                    kernels.chunks_to_rows(dk, dst, B, H, k.dtype, x=k if opt.l2norm else None),
+                    kernels.chunks_to_rows(dv, dst, B, HV, v.dtype))
+
+        rows_out = lambda o: kernels.chunks_to_rows(o, dst, B, HV, q.dtype)
+        chunks_in = lambda do: kernels.rows_to_chunks(do, src, HV, C)
+    else:
+        qkv_in = _chunked_inputs(opt, C, rows, _prepare_qkv)
+        qkv_grads = lambda q, k, v, *cotangents: mx.vjp(qkv_in, [q, k, v], list(cotangents))[1]
+        rows_out = lambda o: _from_chunks(o, seqs, T, B, packed).astype(q.dtype)
+        chunks_in = lambda do: _to_chunks(do.astype(mx.float32), seqs, C, packed)  # rows_out's VJP
 
     @mx.custom_function
     def core(q, k, v, g, beta, A_log, dt_bias, h0):
-        o, hT, states, u = chunk_forward(*chunked_qkv(q, k, v), *gates(g, beta, A_log, dt_bias), h0,
+        o, hT, states, u = chunk_forward(*qkv_in(q, k, v), *gates(g, beta, A_log, dt_bias), h0,
                                          segments)
-        return kernels.chunks_to_rows(o, dst, B, HV, q.dtype), hT, states, u
+        return rows_out(o), hT, states, u
 
     @core.vjp
     def core_vjp(primals, cotangents, outputs):
         q, k, v, g, beta, A_log, dt_bias, h0 = primals
         _, _, states, u = outputs
-        do = kernels.rows_to_chunks(cotangents[0], src, HV, C)
+        gate_inputs = [g, beta, A_log, dt_bias]
         dq, dk, dv, dg, dbeta, dh0 = chunk_backward(
-            *chunked_qkv(q, k, v), *gates(g, beta, A_log, dt_bias), segments, do, cotangents[1],
-            states, u)
-        gate_grads = mx.vjp(gates, [g, beta, A_log, dt_bias], [dg, dbeta])[1]
-        return (kernels.chunks_to_rows(dq, dst, B, H, q.dtype, scale=opt.scale,
-                                       x=q if opt.l2norm else None),
-                kernels.chunks_to_rows(dk, dst, B, H, k.dtype, x=k if opt.l2norm else None),
-                kernels.chunks_to_rows(dv, dst, B, HV, v.dtype), *gate_grads, dh0)
+            *qkv_in(q, k, v), *gates(*gate_inputs), segments, chunks_in(cotangents[0]),
+            cotangents[1], states, u)
+        return (*qkv_grads(q, k, v, dq, dk, dv), *mx.vjp(gates, gate_inputs, [dg, dbeta])[1], dh0)
 
     o, hT, _, _ = core(q, k, v, g, beta, A_log, dt_bias, h0)
     return o, hT
@@ -263,6 +270,11 @@ def _chunked_with_layout_kernels(opt, C, seqs, packed, segments, h0, q, k, v, g,
 
 def _prepare(opt, q, k, v, g, beta, A_log, dt_bias):
     """The in-kernel options as MLX ops: float32, q/k L2 norm, gate, beta, scale, q/k to value heads."""
+    return _prepare_qkv(opt, q, k, v) + _prepare_gates(opt, g, beta, A_log, dt_bias)
+
+
+def _prepare_qkv(opt, q, k, v):
+    """float32 q, k (L2-normalised with opt.l2norm; q scaled; repeated to the value heads) and v."""
     q, k, v = (x.astype(mx.float32) for x in (q, k, v))
     if opt.l2norm:
         q, k = l2_normalize(q), l2_normalize(k)
@@ -270,7 +282,7 @@ def _prepare(opt, q, k, v, g, beta, A_log, dt_bias):
     group = v.shape[2] // q.shape[2]
     if group > 1:
         q, k = mx.repeat(q, group, axis=2), mx.repeat(k, group, axis=2)
-    return (q, k, v) + _prepare_gates(opt, g, beta, A_log, dt_bias)
+    return q, k, v
 
 
 def _prepare_gates(opt, g, beta, A_log, dt_bias):
