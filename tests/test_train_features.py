@@ -16,6 +16,7 @@ from mlx_gdn.loading import load, load_tokenizer
 from mlx_gdn.lora import LoraConfig, apply_lora, fuse
 from mlx_gdn.models import Model, ModelArgs, PRESETS, load_model, save_model
 from mlx_gdn.ops import gated_delta
+import mlx_gdn.train as training
 from mlx_gdn.train import TrainConfig, loss_fn, train
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% if m['role'] == 'assistant' %}"
@@ -110,6 +111,28 @@ def test_grad_checkpoint_gives_the_same_gradients():
         checked = dict(tree_flatten(nn.value_and_grad(model, loss_fn)(model, *args)[1]))
         for name in plain:
             np.testing.assert_allclose(np.array(checked[name]), np.array(plain[name]), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_loss_in_blocks_equals_the_whole_loss(monkeypatch, tied):
+    # 7-token blocks (the last one shorter), weighted targets, packed documents: the loss and every
+    # gradient as with the whole [B, T, vocab] logits at once
+    mx.random.seed(5)
+    model = Model(ModelArgs(**dict(PRESETS["tiny-gdn"], tie_word_embeddings=tied)))
+    rng = np.random.default_rng(5)
+    ids = mx.array(rng.integers(0, 500, (2, 41)))
+    weights = mx.array(rng.uniform(0, 1, (2, 40)).astype(np.float32))
+    docs = mx.array(np.repeat([[0] * 15 + [1] * 25], 2, axis=0))
+    args = (ids[:, :-1], ids[:, 1:], weights, docs)
+    monkeypatch.setattr(training, "LOSS_BLOCK_LOGITS", 2 * 512 * 7)
+    loss, grads = nn.value_and_grad(model, loss_fn)(model, *args)
+    monkeypatch.setattr(training, "LOSS_BLOCK_LOGITS", 1 << 40)
+    whole_loss, whole = nn.value_and_grad(model, loss_fn)(model, *args)
+    np.testing.assert_allclose(loss.item(), whole_loss.item(), rtol=1e-6)
+    whole = dict(tree_flatten(whole))
+    for name, g in tree_flatten(grads):
+        np.testing.assert_allclose(np.array(g), np.array(whole[name]), rtol=1e-5, atol=1e-7,
+                                   err_msg=name)
 
 
 def test_lora_fused_equals_model_with_adapters(tmp_path):

@@ -167,6 +167,10 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def __call__(self, input_ids, mask=None, cache=None, segments=None):
+        return self.head(self.hidden(input_ids, mask=mask, cache=cache, segments=segments))
+
+    def hidden(self, input_ids, mask=None, cache=None, segments=None):
+        """The final hidden states [B, T, hidden] (model() without the LM head)."""
         if segments is not None:
             if cache is not None or mask is not None:
                 raise ValueError("model: segments (packed rows) go without a cache or a mask")
@@ -178,7 +182,14 @@ class Model(nn.Module):
             if len(cache) != len(expected) or any(type(c) is not e for c, e in zip(cache, expected)):
                 raise ValueError("model: the cache does not belong to this model (make it with "
                                  "model.make_cache())")
-        h = self.model(input_ids, mask=mask, cache=cache, segments=segments)
+        return self.model(input_ids, mask=mask, cache=cache, segments=segments)
+
+    def head_module(self):
+        """The module whose weights make the logits: the embeddings when tied, else lm_head."""
+        return self.model.embeddings if self.args.tie_word_embeddings else self.lm_head
+
+    def head(self, h):
+        """Logits [..., vocab] of hidden states h."""
         if self.args.tie_word_embeddings:
             return self.model.embeddings.as_linear(h)
         return self.lm_head(h)
