@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten
 import metal_kernels
 from emulator import EmulatedKernel, executed
 from mlx_gdn.models import Model, ModelArgs, PRESETS
-from mlx_gdn.ops import gated_delta, gated_delta_rule, kernels
+from mlx_gdn.ops import chunk, gated_delta, gated_delta_rule, kernels
 from mlx_gdn.train import loss_fn
 from reference import assert_close, gated_delta_reference, make_inputs, rms_rel
 from kernel_checks import check_grads, check_layout, check_pieces, check_scans
@@ -144,10 +144,15 @@ def test_chunked_op_with_kernels_matches_oracle(emulated, B, T, H, HV, D, mask_p
     assert rms_rel(ro, np.array(o)) <= FP32_TOL and rms_rel(rs, np.array(s)) <= FP32_TOL
 
 
-@pytest.mark.parametrize("case", ["plain", "packed", "gates"])
-def test_chunked_grads_with_kernels_match_ops(emulated, case):
+@pytest.mark.parametrize("case", ["plain", "packed", "gates", "gates compiled"])
+def test_chunked_grads_with_kernels_match_ops(emulated, monkeypatch, case):
     # GVA throughout; "packed": cu_seqlens and the in-kernel L2 norm; "gates": the layer's options
-    # (gate from A_log and dt_bias, beta sigmoid, allow_neg_eigval), A_log and dt_bias differentiated
+    # (gate from A_log and dt_bias, beta sigmoid, allow_neg_eigval), A_log and dt_bias differentiated;
+    # "compiled": the element-wise chains under mx.compile, as on a GPU
+    if case.endswith("compiled"):
+        monkeypatch.setattr(chunk, "COMPILE_ON_CPU", True)
+        monkeypatch.setattr(gated_delta, "_chunked_fns", {})
+        monkeypatch.setattr(chunk, "_compiled", {})
     packed = case == "packed"
     data = make_inputs(5, 1, 50, 2, 4, 32, mask_p=0.3, h0=True, n_states=3 if packed else 1,
                        unit_k=case == "plain")
@@ -156,7 +161,7 @@ def test_chunked_grads_with_kernels_match_ops(emulated, case):
     kw = {}
     if packed:
         kw = dict(cu_seqlens=mx.array([0, 7, 30, 50]), use_qk_l2norm_in_kernel=True)
-    if case == "gates":
+    if case.startswith("gates"):
         rng = np.random.default_rng(2)
         data["g"] = rng.standard_normal(data["g"].shape).astype(np.float32)  # the raw gate input a
         data["beta"] = rng.standard_normal(data["beta"].shape).astype(np.float32)
@@ -176,6 +181,7 @@ def test_chunked_grads_with_kernels_match_ops(emulated, case):
     got = grads()
     with kernels.use_factory("ops", None):
         ref = grads()
+    assert chunk._compiled or not case.endswith("compiled"), "nothing was compiled"
     for n, a, b in zip(names, ref, got):
         assert rms_rel(np.array(a), np.array(b)) <= FP32_TOL, n
 
