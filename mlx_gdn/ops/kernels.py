@@ -193,21 +193,27 @@ def _pieces_config(C, limit, padded):
     raise ValueError(f"chunk_pieces: C = {C} does not fit {limit} bytes of threadgroup memory")
 
 
+def _per_chunk_launch(q, v, config):
+    """The shapes and launch arguments of a kernel with one threadgroup per chunk (chunk_pieces,
+    chunk_grads) on chunk-major q [..., C, K] and v [..., C, V]: (lead, C, K, V, arguments), the
+    kernel's template values from config(C, threadgroup bytes, padded)."""
+    *lead, C, K = q.shape
+    V = v.shape[-1]
+    threads = max(PIECES_THREADS, -(-C // 32) * 32)
+    extra = config(C, *_threadgroup_memory())
+    return lead, C, K, V, dict(
+        template=[("K", K), ("V", V), ("C", C), ("THREADS", threads), *extra],
+        grid=(threads * (q.size // (C * K)), 1, 1), threadgroup=(threads, 1, 1))
+
+
 def chunk_pieces(q, k, v, gamma, beta):
     """The chunk pieces kernel on chunk-major q, k [..., C, K], v [..., C, V], gamma, beta [..., C, 1]
     (float32): (KKG, P, Tinv, W, U) as chunk._pieces_before_inverse / _pieces_after_inverse give them."""
-    *lead, C, K = q.shape
-    V = v.shape[-1]
-    M = q.size // (C * K)
-    threads = max(PIECES_THREADS, -(-C // 32) * 32)
-    extra = _pieces_config(C, *_threadgroup_memory())
-    outs = get_kernel("chunk_pieces")(
+    lead, C, K, V, launch = _per_chunk_launch(q, v, _pieces_config)
+    return tuple(get_kernel("chunk_pieces")(
         inputs=[q, k, v, gamma, beta],
-        template=[("K", K), ("V", V), ("C", C), ("THREADS", threads), *extra],
-        grid=(threads * M, 1, 1), threadgroup=(threads, 1, 1),
         output_shapes=[(*lead, C, C)] * 3 + [(*lead, C, K), (*lead, C, V)],
-        output_dtypes=[mx.float32] * 5)
-    return tuple(outs)
+        output_dtypes=[mx.float32] * 5, **launch))
 
 
 def _grads_config(C, limit, padded):
@@ -223,17 +229,11 @@ def chunk_grads(q, k, v, do, u, du, du_h, dKt, dQg, Tinv, W, U, KKG, P, gamma, b
     """The chunk grads kernel on chunk-major float32 arrays (q, k [..., C, K]; v, do, u, du
     [..., C, V]; C x C pieces; gamma, beta [..., C, 1]; dchunk one per chunk): (dq, dk, dv, dg, dbeta)
     as chunk._backward_after_scan gives them, from the GEMMs du_h = du h^T, dKt = u dh'^T, dQg = dO h^T."""
-    *lead, C, K = q.shape
-    V = v.shape[-1]
-    M = q.size // (C * K)
-    threads = max(PIECES_THREADS, -(-C // 32) * 32)
-    extra = _grads_config(C, *_threadgroup_memory())
+    lead, C, K, V, launch = _per_chunk_launch(q, v, _grads_config)
     return tuple(get_kernel("chunk_grads")(
         inputs=[q, k, v, do, u, du, du_h, dKt, dQg, Tinv, W, U, KKG, P, gamma, beta, dchunk],
-        template=[("K", K), ("V", V), ("C", C), ("THREADS", threads), *extra],
-        grid=(threads * M, 1, 1), threadgroup=(threads, 1, 1),
         output_shapes=[(*lead, C, K)] * 2 + [(*lead, C, V)] + [(*lead, C, 1)] * 2,
-        output_dtypes=[mx.float32] * 5))
+        output_dtypes=[mx.float32] * 5, **launch))
 
 
 LAYOUT_ROWS = 8  # rows_to_chunks / chunks_to_rows: rows (SIMD groups) per threadgroup
