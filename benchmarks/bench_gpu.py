@@ -166,6 +166,7 @@ def main():
     args = p.parse_args()
     if args.scan_config:
         kernels.SCAN_TILE, kernels.SCAN_THREADS = args.scan_config
+        kernels.SCAN_RESIDENT = {}  # this tile at every shape
     try:
         import torch
         import fla.ops.common.chunk_o as chunk_o

@@ -62,6 +62,7 @@ def parts(B, T, H, K, V, C=64):
     QdO = mx.zeros((pc.W.shape[0], H, K, V))
     seg = ((0, T // C),)
     default = kernels.SCAN_KERNEL, kernels.SCAN_TILE, kernels.SCAN_THREADS, kernels.MMA_SCAN_THREADS
+    resident, kernels.SCAN_RESIDENT = kernels.SCAN_RESIDENT, {}  # each config's tile as named
     both = {}
     for kernel, tile, threads in SCAN_CONFIGS:
         kernels.SCAN_KERNEL, kernels.SCAN_TILE = kernel, tile
@@ -75,6 +76,7 @@ def parts(B, T, H, K, V, C=64):
             both[name] = out[f"scan_fwd_{name}_ms"] + out[f"scan_bwd_{name}_ms"]
     out["best_scan"] = min(both, key=both.get) if both else None
     kernels.SCAN_KERNEL, kernels.SCAN_TILE, kernels.SCAN_THREADS, kernels.MMA_SCAN_THREADS = default
+    kernels.SCAN_RESIDENT = resident
     states, u, _ = kernels.scan_forward(pc.W, pc.U, pc.Kt, pc.decay, h0, seg)
     mx.eval(states, u)
     out["output_ms"] = time_mlx(lambda: chunk.fused(chunk._output)(cq, pc.eg, states, pc.P, u))

@@ -34,6 +34,7 @@ def main():
         kernels.SCAN_THREADS = kernels.MMA_SCAN_THREADS = int(sys.argv[6])
     if len(sys.argv) > 7:
         kernels.SCAN_TILE = int(sys.argv[7])
+        kernels.SCAN_RESIDENT = {}  # this tile whatever the grid
     C, N = 64, T // 64
     mx.random.seed(0)
     W = mx.random.normal((N * B, H, C, K)) * 0.05

@@ -61,19 +61,28 @@ class TrainConfig:
     fuse: bool = False  # LoRA: write the model with the adapters merged
 
 
-# The loss runs over blocks of about this many logits (float32: 16 MB), each block's logits made
-# again in the backward: the [B, T, vocab] logits, their float32 copy and their gradient need not
-# exist whole (gdn-0.4b at 8192 tokens: 1 GB each), for one more LM-head product in the backward.
-# This CPU, tiny-gdn with a 32000 vocabulary at 4096 tokens: peak 2.2 GB -> 0.74 GB, step 6.4 ->
-# 4.8 s (64 MB blocks: 1.26 GB; MLX's scheduler keeps several blocks alive at once).
-LOSS_BLOCK_LOGITS = 1 << 22
+# The loss runs over blocks of about this many logits, each block's logits made again in the
+# backward: the [B, T, vocab] logits, their float32 copy and their gradient need not exist whole
+# (gdn-0.4b at 8192 tokens: 1 GB each), for one more LM-head product in the backward. None: by device.
+# This CPU, tiny-gdn with a 32000 vocabulary at 4096 tokens, 2^22 (16 MB): peak 2.2 GB -> 0.74 GB,
+# step 6.4 -> 4.8 s (2^24: 1.26 GB; MLX's scheduler keeps several blocks alive at once). H100,
+# gdn-0.4b at 8192 tokens: 2^22 31.2k tokens/s (28.9 GB), 2^26 35.5k (31.4 GB): GPUs want fewer,
+# larger products.
+LOSS_BLOCK_LOGITS = None
+CPU_LOSS_BLOCK_LOGITS, GPU_LOSS_BLOCK_LOGITS = 1 << 22, 1 << 26
+
+
+def _loss_block_logits():
+    if LOSS_BLOCK_LOGITS is not None:
+        return LOSS_BLOCK_LOGITS
+    return GPU_LOSS_BLOCK_LOGITS if mx.default_device().type == mx.gpu else CPU_LOSS_BLOCK_LOGITS
 
 
 def loss_fn(model, inputs, targets, weights, segments=None):
     """Mean cross-entropy over the weighted targets."""
     h = model.hidden(inputs, segments=segments)
     B, T = targets.shape
-    block = max(1, LOSS_BLOCK_LOGITS // (B * model.args.vocab_size))
+    block = max(1, _loss_block_logits() // (B * model.args.vocab_size))
     if block >= T:
         total = _weighted_ce(model.head(h), targets, weights)
     else:

@@ -37,6 +37,7 @@ SCAN_CASES = [
     (3, 2, 1, 16, 60, 20, ((0, 2), (2, 3)), (8, 256)),  # a K that the splits do not divide; varlen
     (2, 1, 2, 64, 128, 40, None, (16, 256, 49152)),  # the CUDA default: 48 KB stages (32 rows)
     (2, 1, 1, 64, 200, 40, None, (16, 256, 49152)),  # the CUDA default at the 1.3B K (16-row stages)
+    (3, 1, 2, 48, 64, 40, None, (16, 256, 49152)),  # 12 row groups a stage: A's rotation not a power of 2
 ]
 
 MMA_SCAN_CASES = [
@@ -59,6 +60,19 @@ def test_scan_kernels_match_ops(emulated, monkeypatch, N, B, HV, C, K, V, segmen
     monkeypatch.setattr(kernels, "SCAN_THREADS", threads)
     monkeypatch.setitem(kernels.THREADGROUP_BYTES, "emulated", limit)
     check_scans(N, B, HV, C, K, V, segments)
+
+
+def test_scan_widens_its_tile_past_one_wave(emulated, monkeypatch):
+    # 2 x 2 rows x 5 tiles of 8 columns = 20 threadgroups > 6 resident: 16-column tiles instead
+    widths = []
+    scan_tiles = kernels._scan_tiles
+    monkeypatch.setattr(kernels, "_scan_tiles", lambda *a: widths.append(a[-1]) or scan_tiles(*a))
+    monkeypatch.setattr(kernels, "SCAN_KERNEL", "simt")
+    monkeypatch.setattr(kernels, "SCAN_TILE", 8)
+    monkeypatch.setattr(kernels, "SCAN_THREADS", 128)
+    monkeypatch.setitem(kernels.SCAN_RESIDENT, "emulated", 6)
+    check_scans(3, 2, 2, 16, 64, 40, None)
+    assert widths and set(widths) == {16}
 
 
 @pytest.mark.parametrize("N,B,HV,C,K,V,segments,config", MMA_SCAN_CASES)

@@ -31,6 +31,11 @@ TG_COLUMNS = 4  # decode: value columns (SIMD groups) per threadgroup
 # it at every head shape measured (8 or 32 columns, 128 or 384 threads).
 SCAN_TILE = 16
 SCAN_THREADS = 256
+# Scan threadgroups that run at once (H100: 132 SMs x 2 at 256 threads and ~100 registers). Where
+# the grid at SCAN_TILE columns is larger, the tile is doubled: fewer, fuller threadgroups instead of
+# a second wave (H100, (4, 4096, 16, 128): forward 1.75 -> 1.31 ms, reverse 1.82 -> 1.44, eighth
+# session). Unmeasured on Apple GPUs: no doubling there.
+SCAN_RESIDENT = {"cuda": 264}
 THREADGROUP_BYTES = {"metal": 32768, "cuda": 49152}  # Metal's limit; CUDA's for static shared memory
 # The scan kernel: "simt" (chunk_scan.metal, 4 x 4 register tiles) or "mma" (chunk_scan_mma.metal,
 # SIMD-group 8x8 matrices). H100, scan alone at 8192 tokens, forward / reverse ms (RESULTS.md, sixth
@@ -110,9 +115,9 @@ def _scan_bytes(K, C, tile, rows, threads):
     return 4 * (k4 * tile + C * tile + k4 * rows + splits * rows * tile)
 
 
-def _scan_tiles(K, C, threads, limit):
-    """(value columns, staged chunk rows) per threadgroup: the widest that fit `limit` bytes."""
-    tile = SCAN_TILE
+def _scan_tiles(K, C, threads, limit, tile):
+    """(value columns, staged chunk rows) per threadgroup: the widest up to `tile` that fit `limit`
+    bytes."""
     while True:
         rows = C
         while rows > 8 and _scan_bytes(K, C, tile, rows, threads) > limit:
@@ -154,7 +159,9 @@ def _scan(A, X, Bm, Y, decay, h_in, segments, reverse):
         tile, rows, extra = _mma_scan_config(K, C, threads, limit, padded)
     else:
         name, threads, extra = "chunk_scan", SCAN_THREADS, ()
-        tile, rows = _scan_tiles(K, C, threads, limit)
+        resident = SCAN_RESIDENT.get(backend())
+        wide = resident is not None and R * -(-V // SCAN_TILE) > resident
+        tile, rows = _scan_tiles(K, C, threads, limit, 2 * SCAN_TILE if wide else SCAN_TILE)
     has_y = Y is not None
     states, x_new, h_out = get_kernel(name)(
         inputs=[A, X, Bm, Y if has_y else mx.zeros((1,)), decay.reshape(N, R), h_in,
