@@ -10,16 +10,11 @@
 // threadgroup memory (for the product A h, which needs whole columns). Both products work on 4 x 4
 // register tiles read as float4 from threadgroup memory (two 16-byte reads feed 16 multiply-adds).
 // A and B are staged CB chunk rows at a time: A transposed, so that a float4 holds 4 of its rows at
-// one column (its row groups rotated by k / SH, so that 8 lanes storing 16 bytes at consecutive k
-// hit distinct banks); B with its K columns dealt out in strides of KG, so that a float4 holds
-// columns g, g + KG, g + 2 KG, g + 3 KG of a row and consecutive lanes read consecutive columns of
-// global memory. A thread's update rows follow B's: rows g + KG a (RPT = 4 rows a thread) or, where
-// that would leave half of the threads idle, two of them (RPT = 2). The stages run as one sequence
-// (per chunk C / CB stages of A, then of B), and the next stage's rows (and X; at a chunk's first
-// stage its decay, flags and Y) are fetched into registers while the current one computes: they do
-// not depend on h, so global-memory latency stays off the sequential path. The product A h has only
-// (CB / 4) x (BV / 4) tiles a stage; when threads outnumber them, the k sum is split KS ways (short
-// dependent chains) and the partial sums meet in threadgroup memory.
+// one column; B as it is. The stages run as one sequence (per chunk C / CB stages of A, then of B),
+// and the next stage's rows (and X) are fetched into registers while the current one computes: they
+// do not depend on h, so global-memory latency stays off the sequential path. The product A h has
+// only (CB / 4) x (BV / 4) tiles a stage; when threads outnumber them, the k sum is split KS ways
+// (short dependent chains) and the partial sums meet in threadgroup memory.
 // Template: K, V, C, THREADS, BV (a multiple of 4 dividing 4 * THREADS), CB (rows per
 // stage, a multiple of 4 dividing C), REVERSE, HAS_Y.
 // Inputs: A, Bm [N,R,C,K]; X [N,R,C,V]; Y [N,R,K,V] (read only if HAS_Y); decay [N,R];
@@ -28,27 +23,23 @@
 // Outputs: states [N,R,K,V] (the state entering chunk n, in scan order); x_new [N,R,C,V];
 // h_out [S*R,K,V].
 constexpr int VG = BV / 4;                          // column groups of 4 per tile
-constexpr int KG = (K + 3) / 4;                     // groups of 4 state rows (the last padded)
+constexpr int KG = (K + 3) / 4;                     // row groups of 4 of the state (the last padded)
 constexpr int RG = CB / 4;                          // row groups of 4 of a stage
-constexpr int SH = RG >= 8 ? 1 : 8 / RG;           // A stage: columns k per 128 bytes of m_s
 constexpr int SLOTS = THREADS / VG;                 // update: threads per column group
-constexpr int RPT = (2 * KG + SLOTS - 1) / SLOTS * 2 < (KG + SLOTS - 1) / SLOTS * 4 ? 2 : 4;
-constexpr int KR = KG * 4 / RPT;                    // update: groups of RPT rows
-constexpr int KGPT = (KR + SLOTS - 1) / SLOTS;      // update: row groups per thread
+constexpr int KGPT = (KG + SLOTS - 1) / SLOTS;      // update: row groups per thread
 constexpr int TILES = RG * VG;                      // 4 x 4 tiles of A h per stage
 constexpr int KS = THREADS > TILES ? THREADS / TILES : 1;  // ways the k sum is split
 constexpr int KSPAN = (K + KS - 1) / KS;            // k per split
 constexpr int TPT = (TILES * KS + THREADS - 1) / THREADS;  // (tile, split) items per thread
 constexpr int APT = (K * RG + THREADS - 1) / THREADS;      // staged A items (k, row group) per thread
-constexpr int BPT = (CB * KG + THREADS - 1) / THREADS;     // staged B items (row, column g) per thread
+constexpr int BPT = (CB * KG + THREADS - 1) / THREADS;     // staged B items (row, k group) per thread
 constexpr int SPT = APT > BPT ? APT : BPT;
 constexpr int XPT = (CB * VG + THREADS - 1) / THREADS;     // x items (row, column group) per thread
 constexpr int STAGES = C / CB;                      // stages of each product per chunk
 constexpr float SIGN = REVERSE ? 1.0f : -1.0f;
 threadgroup float4 h_s[KG * 4 * VG];                // h_s[k * VG + cg]: state row k, columns 4 cg ...
 threadgroup float4 x_s[C * VG];                     // x_s[c * VG + cg]
-threadgroup float4 m_s[KG * 4 * RG];                // A: m_s[k * RG + (rg + k / SH) % RG], rows 4 rg ...;
-                                                    // B: m_s[c * KG + g]
+threadgroup float4 m_s[KG * 4 * RG];                // A: m_s[k * RG + rg], rows 4 rg ...; B: m_s[c * KG + kg]
 threadgroup float4 p_s[KS * CB * VG];               // partial sums of A h, one set per k split
 const int N = dims[0], R = dims[1];
 const uint tid = thread_position_in_threadgroup.x;
@@ -57,14 +48,9 @@ const int cg = (int)(tid % VG);                     // update: this thread's col
 const int vt = (int)threadgroup_position_in_grid.y * BV;  // first value column of the tile
 const int v0 = vt + 4 * cg;
 const int slot = (int)(tid / VG);
-// update: the thread's state rows (K or more where there is none)
-#define KROW(i, a) ((slot + SLOTS * (i)) % KG + KG * ((slot + SLOTS * (i)) / KG * RPT + (a)))
-float h[KGPT][RPT][4];  // update: rows KROW(i, a), columns v0 + j
-float staged[SPT][4];   // the next stage's items of A or B
-float xs[XPT][4];       // the next stage's items of X
-float y_next[HAS_Y ? KGPT : 1][RPT][4];  // the next chunk's Y on this thread's rows
-float decay_next = 0.0f;
-int start_next = -1, end_next = -1, end_cur = -1;
+float h[KGPT][4][4];  // update: rows 4 (slot + SLOTS i) + a, columns v0 + j
+float staged[SPT][4];  // the next stage's items of A or B
+float xs[XPT][4];      // the next stage's items of X
 const int total = N * 2 * STAGES;
 // stage it of the scan: chunk step it / (2 STAGES); its first STAGES stages multiply by A, the
 // others update with B. it = -1 only fetches the first stage.
@@ -76,12 +62,11 @@ for (int it = -1; it < total; ++it) {
   float x_cur[XPT][4];
   if (it >= 0) {
     if (s == 0) {
-      end_cur = end_next;
-      if (start_next >= 0) {
-        const uint base = (start_next * R + r) * K;
+      if (seg_start[n] >= 0) {
+        const uint base = (seg_start[n] * R + r) * K;
         for (int i = 0; i < KGPT; ++i) {
-          for (int a = 0; a < RPT; ++a) {
-            const int k = KROW(i, a);
+          for (int a = 0; a < 4; ++a) {
+            const int k = 4 * (slot + SLOTS * i) + a;
             for (int j = 0; j < 4; ++j) {
               h[i][a][j] = k < K && v0 + j < V ? h_in[(base + k) * V + v0 + j] : 0.0f;
             }
@@ -93,8 +78,8 @@ for (int it = -1; it < total; ++it) {
         }
       }
       for (int i = 0; i < KGPT; ++i) {
-        for (int a = 0; a < RPT; ++a) {
-          const int k = KROW(i, a);
+        for (int a = 0; a < 4; ++a) {
+          const int k = 4 * (slot + SLOTS * i) + a;
           for (int j = 0; j < 4; ++j) {
             if (k < K && v0 + j < V) {
               states[(nr * K + k) * V + v0 + j] = h[i][a][j];
@@ -104,10 +89,16 @@ for (int it = -1; it < total; ++it) {
       }
     }
     if (s == STAGES) {  // every product with h is done: h = decay h + Y (this thread's rows)
+      const float d = decay[nr];
       for (int i = 0; i < KGPT; ++i) {
-        for (int a = 0; a < RPT; ++a) {
+        for (int a = 0; a < 4; ++a) {
+          const int k = 4 * (slot + SLOTS * i) + a;
           for (int j = 0; j < 4; ++j) {
-            h[i][a][j] = decay_next * h[i][a][j] + (HAS_Y ? y_next[HAS_Y ? i : 0][a][j] : 0.0f);
+            float y = 0.0f;
+            if (HAS_Y && k < K && v0 + j < V) {
+              y = Y[(nr * K + k) * V + v0 + j];
+            }
+            h[i][a][j] = d * h[i][a][j] + y;
           }
         }
       }
@@ -117,7 +108,7 @@ for (int it = -1; it < total; ++it) {
       const int e = (int)tid + THREADS * p;
       if (e < (s < STAGES ? K * RG : CB * KG)) {
         const float4 t = make_float4(staged[p][0], staged[p][1], staged[p][2], staged[p][3]);
-        m_s[s < STAGES ? (e % K) * RG + (e / K + e % K / SH) % RG : e] = t;
+        m_s[s < STAGES ? (e % K) * RG + e / K : e] = t;
       }
     }
     for (int p = 0; p < XPT; ++p) {
@@ -127,30 +118,13 @@ for (int it = -1; it < total; ++it) {
     }
   }
   {  // fetch the next stage: A as (k, row group) items, consecutive lanes at consecutive k
-     // (coalesced), so that a float4 holds 4 rows at one column; B as (row, column g) items, a
-     // float4 holding columns g + KG a; and X. At a chunk's first stage also its decay, flags and Y.
+     // (coalesced), so that a float4 holds 4 rows at one column; B as (row, k group) items; and X
     const int it2 = it + 1;
     const int s2 = it2 % (2 * STAGES);
     const int n2 = REVERSE ? N - 1 - it2 / (2 * STAGES) : it2 / (2 * STAGES);
     if (it2 < total) {
-      const uint nr2 = (uint)(n2 * R + r);
       const int c2 = (s2 % STAGES) * CB;
-      const uint base = (nr2 * C + c2) * K;
-      if (s2 == 0) {
-        decay_next = decay[nr2];
-        start_next = seg_start[n2];
-        end_next = seg_end[n2];
-        if (HAS_Y) {
-          for (int i = 0; i < KGPT; ++i) {
-            for (int a = 0; a < RPT; ++a) {
-              const int k = KROW(i, a);
-              for (int j = 0; j < 4; ++j) {
-                y_next[HAS_Y ? i : 0][a][j] = k < K && v0 + j < V ? Y[(nr2 * K + k) * V + v0 + j] : 0.0f;
-              }
-            }
-          }
-        }
-      }
+      const uint base = ((uint)(n2 * R + r) * C + c2) * K;
       if (s2 < STAGES) {
         for (int p = 0; p < SPT; ++p) {
           const int e = (int)tid + THREADS * p;
@@ -164,15 +138,15 @@ for (int it = -1; it < total; ++it) {
           const int c = c2 + e / VG, g = e % VG;
           for (int j = 0; j < 4; ++j) {
             const int v = vt + 4 * g + j;
-            xs[p][j] = e < CB * VG && v < V ? X[(nr2 * C + c) * V + v] : 0.0f;
+            xs[p][j] = e < CB * VG && v < V ? X[((uint)(n2 * R + r) * C + c) * V + v] : 0.0f;
           }
         }
       } else {
         for (int p = 0; p < SPT; ++p) {
           const int e = (int)tid + THREADS * p;
-          const int cc = e / KG, g = e % KG;
+          const int cc = e / KG, kg = e % KG;
           for (int a = 0; a < 4; ++a) {
-            staged[p][a] = e < CB * KG && g + KG * a < K ? Bm[base + cc * K + g + KG * a] : 0.0f;
+            staged[p][a] = e < CB * KG && 4 * kg + a < K ? Bm[base + cc * K + 4 * kg + a] : 0.0f;
           }
         }
       }
@@ -200,7 +174,7 @@ for (int it = -1; it < total; ++it) {
           }
         }
         for (int k = k0; k < k1; ++k) {
-          const float4 av = m_s[k * RG + (rg + k / SH) % RG];
+          const float4 av = m_s[k * RG + rg];
           const float4 hv = h_s[k * VG + tc];
           const float ar[4] = {av.x, av.y, av.z, av.w};
           const float hr[4] = {hv.x, hv.y, hv.z, hv.w};
@@ -248,15 +222,13 @@ for (int it = -1; it < total; ++it) {
       const float4 xv = x_s[(c0 + cc) * VG + cg];
       const float xr[4] = {-SIGN * xv.x, -SIGN * xv.y, -SIGN * xv.z, -SIGN * xv.w};
       for (int i = 0; i < KGPT; ++i) {
-        const int gi = slot + SLOTS * i;
-        if (gi < KR) {
-          const float4 bv = m_s[cc * KG + gi % KG];
+        const int kg = slot + SLOTS * i;
+        if (kg < KG) {
+          const float4 bv = m_s[cc * KG + kg];
           const float br[4] = {bv.x, bv.y, bv.z, bv.w};
-          const bool upper = RPT == 2 && gi >= KG;  // RPT = 2: columns 2 and 3 of the float4
-          for (int a = 0; a < RPT; ++a) {
-            const float b = upper ? br[(a + 2) & 3] : br[a];
+          for (int a = 0; a < 4; ++a) {
             for (int j = 0; j < 4; ++j) {
-              h[i][a][j] += b * xr[j];
+              h[i][a][j] += br[a] * xr[j];
             }
           }
         }
@@ -266,19 +238,19 @@ for (int it = -1; it < total; ++it) {
     if (s == 2 * STAGES - 1) {
       // h_s is read again only after the next stage's barrier
       for (int i = 0; i < KGPT; ++i) {
-        for (int a = 0; a < RPT; ++a) {
-          const int k = KROW(i, a);
+        for (int a = 0; a < 4; ++a) {
+          const int k = 4 * (slot + SLOTS * i) + a;
           const float4 t = make_float4(h[i][a][0], h[i][a][1], h[i][a][2], h[i][a][3]);
           if (k < K) {
             h_s[k * VG + cg] = t;
           }
         }
       }
-      if (end_cur >= 0) {
-        const uint base = (end_cur * R + r) * K;
+      if (seg_end[n] >= 0) {
+        const uint base = (seg_end[n] * R + r) * K;
         for (int i = 0; i < KGPT; ++i) {
-          for (int a = 0; a < RPT; ++a) {
-            const int k = KROW(i, a);
+          for (int a = 0; a < 4; ++a) {
+            const int k = 4 * (slot + SLOTS * i) + a;
             for (int j = 0; j < 4; ++j) {
               if (k < K && v0 + j < V) {
                 h_out[(base + k) * V + v0 + j] = h[i][a][j];

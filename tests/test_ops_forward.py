@@ -182,3 +182,21 @@ def test_blocks_carry_the_state(monkeypatch, cu):
     o, s = run(data, mode="chunk", chunk_size=16, cu_seqlens=cu)
     assert rms_rel(ro, o) <= FP32_TOL and rms_rel(rs, s) <= FP32_TOL
 
+
+
+@pytest.mark.parametrize("C", [16, 32, 48, 64])
+@pytest.mark.parametrize("scale", [0.01, 1.0, 30.0])
+def test_decay_matrix_against_float64(C, scale):
+    # exp(gamma_i - gamma_j) below the diagonal, 0 above; blockwise products for C = 32, 64 (the
+    # exponent range reaches ~2000 at scale 30: no factor may overflow)
+    from mlx_gdn.ops import chunk
+    rng = np.random.default_rng(C)
+    g = -rng.exponential(scale, (3, 2, C, 1))
+    g[0, 0, ::5] = 0.0  # stretches without decay
+    gamma = np.cumsum(g, axis=-2).astype(np.float32)
+    got = np.array(chunk._decay_matrix(mx.array(gamma), chunk._masks(C)[0]))
+    gamma = gamma.astype(np.float64)
+    diff = gamma - np.swapaxes(gamma, -1, -2)
+    want = np.where(np.tril(np.ones((C, C), bool)), np.exp(np.minimum(diff, 0.0)), 0.0)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-30)
