@@ -37,7 +37,7 @@ SCAN_CASES = [
     (3, 2, 1, 16, 60, 20, ((0, 2), (2, 3)), (8, 256)),  # a K that the splits do not divide; varlen
     (2, 1, 2, 64, 128, 40, None, (16, 256, 49152)),  # the CUDA default: 48 KB stages (32 rows)
     (2, 1, 1, 64, 200, 40, None, (16, 256, 49152)),  # the CUDA default at the 1.3B K (16-row stages)
-    (3, 1, 2, 48, 64, 40, None, (16, 256, 49152)),  # 12 row groups a stage: A's rotation not a power of 2
+    (3, 1, 2, 48, 64, 40, None, (16, 256, 49152)),  # C = 48: 12 row groups a stage, not a power of 2
 ]
 
 MMA_SCAN_CASES = [
