@@ -365,6 +365,24 @@ def test_emulator_rejects_a_product_as_a_factor():
              grid=(32, 1, 1), threadgroup=(32, 1, 1))
 
 
+def test_kernels_are_named_by_their_text(monkeypatch):
+    # MLX caches compiled kernels by name (CUDA: also as PTX files other processes load): on Metal and
+    # CUDA a changed body must get a new name, or the old code would run
+    names = []
+    factory = lambda name, **_: names.append(name)
+    monkeypatch.setattr(kernels, "_compiled", {})
+    body = metal_kernels.source("decode_step")
+    with kernels.use_factory("cuda", factory):
+        kernels.get_kernel("decode_step")
+        monkeypatch.setattr(metal_kernels, "source", lambda n: body + "\n// changed")
+        kernels._compiled.clear()
+        kernels.get_kernel("decode_step")
+    with kernels.use_factory("emulated", factory):  # the emulator keys its own cache on the text
+        kernels.get_kernel("decode_step")
+    assert names[0].startswith("decode_step_") and names[1].startswith("decode_step_")
+    assert names[0] != names[1] and names[2] == "decode_step"
+
+
 def test_every_kernel_file_was_executed():
     # runs last in this module: each .metal body must have been run by a test above
     files = set(metal_kernels.kernel_files())

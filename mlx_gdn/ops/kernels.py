@@ -6,6 +6,7 @@ tests run every kernel through a CPU emulator that is called like mx.fast.metal_
 """
 
 import contextlib
+import hashlib
 import os
 
 import mlx.core as mx
@@ -86,9 +87,20 @@ def get_kernel(name):
             factory, header = mx.fast.metal_kernel, metal_kernels.prelude("metal")
         else:
             factory, header = mx.fast.cuda_kernel, metal_kernels.prelude("cuda")
+        source = metal_kernels.source(name)
+        if which in ("metal", "cuda"):
+            name = text_named(name, header + source)
         _compiled[key] = factory(name=name, input_names=inputs, output_names=outputs,
-                                 source=metal_kernels.source(name), header=header)
+                                 source=source, header=header)
     return _compiled[key]
+
+
+def text_named(name, text):
+    """name plus a digest of the kernel's text. MLX caches a compiled custom kernel under its name and
+    template values alone: in the process, and on CUDA also as PTX files (/tmp/mlx/<version>/ptx) that
+    later processes load. Under a fixed name, a changed body (a new mlx_gdn, or a variant being
+    measured) would run the code compiled first."""
+    return f"{name}_{hashlib.sha1(text.encode()).hexdigest()[:12]}"
 
 
 def _threadgroup_memory():
