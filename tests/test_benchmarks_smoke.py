@@ -49,3 +49,21 @@ def test_cuda_resource_usage_compiles_every_chunk_kernel():
         run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cuda_resource_usage.py"), name,
                               *template.split()], capture_output=True, text=True, timeout=300)
         assert run.returncode == 0 and "registers" in run.stdout, run.stdout + run.stderr
+
+
+def test_ab_kernels_times_each_text_on_its_own(tmp_path):
+    # through the emulator, tiny: a copy of the shipped scan matches it, a changed one does not
+    body = (ROOT / "metal_kernels" / "chunk_scan.metal").read_text()
+    update = "h[i][a][j] += br[a] * xr[j];"
+    assert update in body
+    (tmp_path / "copy.metal").write_text(body + "\n// a copy\n")
+    (tmp_path / "half.metal").write_text(body.replace(update, "h[i][a][j] += 0.5f * br[a] * xr[j];"))
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    args = ["chunk_scan", "--body", "copy.metal", "half.metal", "--shapes", "1,128,1,16x16", "--rounds", "1",
+            "--runs", "1", "--emulate", "--out", "out.json"]
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ab_kernels.py"), *args], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    diffs = {r["variant"]: r["max_abs_diff_vs_shipped"] for r in rows}
+    assert diffs["body:copy.metal"] == 0.0 and diffs["body:half.metal"] > 1e-3
