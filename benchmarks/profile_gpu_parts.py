@@ -86,11 +86,11 @@ def parts(B, T, H, K, V, C=64):
     out["pieces_kernel_ms"] = time_mlx(lambda: kernels.chunk_pieces(cq, ck, cv, mx.cumsum(cg, axis=-2), cb))
     # the backward's parts (pieces recomputed as above, then these)
     do = mx.random.normal(u.shape)
-    PdO, QdO = chunk.fused(chunk._scan_backward_inputs)(cq, pc.eg, pc.P, do)
+    Qg, PdO, QdO = chunk.fused(chunk._scan_backward_inputs)(cq, pc.eg, pc.P, do)
     out["bwd_scan_inputs_ms"] = time_mlx(lambda: chunk.fused(chunk._scan_backward_inputs)(cq, pc.eg, pc.P, do))
     out["bwd_scan_ms"] = time_mlx(lambda: kernels.scan_backward(PdO, QdO, pc.Kt, pc.W, pc.decay, h0, seg))
     du, dh_next, _ = kernels.scan_backward(PdO, QdO, pc.Kt, pc.W, pc.decay, h0, seg)
-    args = (cq, ck, cv, cb, do, states, u, du, dh_next, pc.incl, pc.strict, pc.Gam, pc.eg, pc.tail,
+    args = (cq, ck, cv, cb, do, states, u, du, dh_next, Qg, pc.incl, pc.strict, pc.Gam, pc.eg, pc.tail,
             pc.decay, pc.KKG, pc.A, pc.P, pc.Tinv, pc.W, pc.U, pc.Kt)
     mx.eval(args)
     out["bwd_after_scan_ms"] = time_mlx(lambda: chunk.fused(chunk._backward_after_scan)(*args))

@@ -98,7 +98,7 @@ def check_grads(M, C, K, V, tol=1e-5):
         pc = chunk._ChunkPieces(q, k, v, g, beta)
     do, u, du = r(M, 1, C, V), r(M, 1, C, V), r(M, 1, C, V)
     states, dh_next = r(M, 1, K, V), r(M, 1, K, V)
-    ref = chunk._backward_after_scan(q, k, v, beta, do, states, u, du, dh_next, pc.incl,
+    ref = chunk._backward_after_scan(q, k, v, beta, do, states, u, du, dh_next, q * pc.eg, pc.incl,
                                      pc.strict, pc.Gam, pc.eg, pc.tail, pc.decay, pc.KKG, pc.A, pc.P,
                                      pc.Tinv, pc.W, pc.U, pc.Kt)
     got = chunk._backward_after_scan_kernel(q, k, v, beta, do, states, u, du, dh_next, pc)

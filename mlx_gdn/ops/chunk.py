@@ -228,23 +228,23 @@ def _backward_block(q, k, v, g, beta, do, dhT, states, u, segments):
     """One block of chunks: gradients (dq, dk, dv, dg, dbeta, dh0) of _forward_block's (o, hT)."""
     pc = _ChunkPieces(q, k, v, g, beta)
     scan = _scan_backward if kernels.backend() == "ops" else kernels.scan_backward
-    PdO, QdO = fused(_scan_backward_inputs)(q, pc.eg, pc.P, do)
+    Qg, PdO, QdO = fused(_scan_backward_inputs)(q, pc.eg, pc.P, do)
     du, dh_next, dh0 = scan(PdO, QdO, pc.Kt, pc.W, pc.decay, dhT, segments)
     if kernels.backend() != "ops":
         return _backward_after_scan_kernel(q, k, v, beta, do, states, u, du, dh_next, pc) + (dh0,)
     return tuple(fused(_backward_after_scan)(
-        q, k, v, beta, do, states, u, du, dh_next, pc.incl, pc.strict, pc.Gam, pc.eg, pc.tail,
+        q, k, v, beta, do, states, u, du, dh_next, Qg, pc.incl, pc.strict, pc.Gam, pc.eg, pc.tail,
         pc.decay, pc.KKG, pc.A, pc.P, pc.Tinv, pc.W, pc.U, pc.Kt)) + (dh0,)
 
 
 def _scan_backward_inputs(q, eg, P, do):
-    return _t(P) @ do, _t(q * eg) @ do
+    Qg = q * eg
+    return Qg, _t(P) @ do, _t(Qg) @ do
 
 
-def _backward_after_scan(q, k, v, beta, do, states, u, du, dh_next, incl, strict, Gam, eg, tail,
+def _backward_after_scan(q, k, v, beta, do, states, u, du, dh_next, Qg, incl, strict, Gam, eg, tail,
                          decay, KKG, A, P, Tinv, W, U, Kt):
     """(dq, dk, dv, dg, dbeta) from the reverse scan's du and dh_next and the chunk pieces."""
-    Qg = q * eg
     # through u = U - W h and the state update h' = decay h + Kt^T u
     dW = -_mm_nt(du, states)
     dKt = _mm_nt(u, dh_next)
