@@ -80,12 +80,20 @@ def _decay_matrix(gamma, incl):
     gb = gamma.reshape(*lead, nb, S, 1)
     first, last = gb[..., :1, :], gb[..., -1:, :]  # [..., nb, 1, 1]
     diag = mx.exp(mx.where(incl[:S, :S], gb - _t(gb), -mx.inf))  # [..., nb, S, S]
-    below = mx.arange(nb)[:, None] > mx.arange(nb)[None, :]
+    below = _masks(nb)[1]  # block I > block J
     cross = mx.exp(mx.where(below, first.reshape(*lead, nb, 1) - last.reshape(*lead, 1, nb), -mx.inf))
     off = (mx.exp(gb - first).reshape(*lead, nb, S, 1, 1) * cross.reshape(*lead, nb, 1, nb, 1)
            * mx.exp(last - gb).reshape(*lead, 1, 1, nb, S))
-    same = mx.eye(nb, dtype=mx.bool_).reshape(nb, 1, nb, 1)
-    return mx.where(same, diag.reshape(*lead, nb, S, 1, S), off).reshape(*lead, C, C)
+    return mx.where(_block_diagonal(nb), diag.reshape(*lead, nb, S, 1, S), off).reshape(*lead, C, C)
+
+
+def _block_diagonal(nb):
+    """(I == J) as [nb, 1, nb, 1] over blocks I, J, an evaluated constant as _masks' are."""
+    key = ("block diagonal", nb)
+    if key not in _mask_cache:
+        _mask_cache[key] = mx.eye(nb, dtype=mx.bool_).reshape(nb, 1, nb, 1)
+        mx.eval(_mask_cache[key])
+    return _mask_cache[key]
 
 
 def invert_unit_lower(A):
