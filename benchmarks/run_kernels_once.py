@@ -13,6 +13,7 @@ import time
 
 import mlx.core as mx
 
+from ab_kernels import inputs
 from mlx_gdn.ops import kernels
 
 
@@ -35,19 +36,10 @@ def main():
     if len(sys.argv) > 7:
         kernels.SCAN_TILE = int(sys.argv[7])
         kernels.SCAN_RESIDENT = {}  # this tile whatever the grid
-    C, N = 64, T // 64
-    mx.random.seed(0)
-    W = mx.random.normal((N * B, H, C, K)) * 0.05
-    U = mx.random.normal((N * B, H, C, V))
-    Kt = mx.random.normal((N * B, H, C, K)) * 0.05
-    decay = mx.full((N * B, H, 1, 1), 0.9)
-    h0 = mx.zeros((B, H, K, V))
-    QdO = mx.zeros((N * B, H, K, V))  # the reverse scan's per-chunk [K, V] term
-    q, k = mx.random.normal((N * B, H, C, K)) * 0.1, mx.random.normal((N * B, H, C, K)) * 0.1
-    gamma = -mx.cumsum(mx.random.uniform(shape=(N * B, H, C, 1)) * 0.1, axis=-2)
-    beta = mx.random.uniform(shape=(N * B, H, C, 1))
-    mx.eval(W, U, Kt, q, k, gamma, beta)
-    timed("chunk_pieces", lambda: kernels.chunk_pieces(q, k, U, gamma, beta))
+    N = T // 64
+    W, U, Kt, decay, h0, QdO = inputs("chunk_scan", B, T, H, K, V)
+    q, k, v, gamma, beta = inputs("chunk_pieces", B, T, H, K, V)
+    timed("chunk_pieces", lambda: kernels.chunk_pieces(q, k, v, gamma, beta))
     timed("scan_forward", lambda: kernels.scan_forward(W, U, Kt, decay, h0, ((0, N),)))
     timed("scan_backward", lambda: kernels.scan_backward(U, QdO, Kt, W, decay, h0, ((0, N),)))
     print("backend", kernels.backend(), "scan", kernels.SCAN_KERNEL)
