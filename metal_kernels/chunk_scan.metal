@@ -25,6 +25,10 @@
 constexpr int VG = BV / 4;                          // column groups of 4 per tile
 constexpr int KG = (K + 3) / 4;                     // row groups of 4 of the state (the last padded)
 constexpr int RG = CB / 4;                          // row groups of 4 of a stage
+// A's stage is stored with its row groups rotated by k / SH, so that the lanes storing consecutive k
+// hit different banks; measured faster at 16 columns, slower at 32 (no rotation there).
+constexpr bool ROTATE = BV <= 16;
+constexpr int SH = RG >= 8 ? 1 : 8 / RG;
 constexpr int SLOTS = THREADS / VG;                 // update: threads per column group
 constexpr int KGPT = (KG + SLOTS - 1) / SLOTS;      // update: row groups per thread
 constexpr int TILES = RG * VG;                      // 4 x 4 tiles of A h per stage
@@ -39,7 +43,7 @@ constexpr int STAGES = C / CB;                      // stages of each product pe
 constexpr float SIGN = REVERSE ? 1.0f : -1.0f;
 threadgroup float4 h_s[KG * 4 * VG];                // h_s[k * VG + cg]: state row k, columns 4 cg ...
 threadgroup float4 x_s[C * VG];                     // x_s[c * VG + cg]
-threadgroup float4 m_s[KG * 4 * RG];                // A: m_s[k * RG + rg], rows 4 rg ...; B: m_s[c * KG + kg]
+threadgroup float4 m_s[KG * 4 * RG];                // A: m_s[k * RG + (rg + k / SH) % RG], rows 4 rg ...; B: m_s[c * KG + kg]
 threadgroup float4 p_s[KS * CB * VG];               // partial sums of A h, one set per k split
 const int N = dims[0], R = dims[1];
 const uint tid = thread_position_in_threadgroup.x;
@@ -108,7 +112,7 @@ for (int it = -1; it < total; ++it) {
       const int e = (int)tid + THREADS * p;
       if (e < (s < STAGES ? K * RG : CB * KG)) {
         const float4 t = make_float4(staged[p][0], staged[p][1], staged[p][2], staged[p][3]);
-        m_s[s < STAGES ? (e % K) * RG + e / K : e] = t;
+        m_s[s >= STAGES ? e : ROTATE ? (e % K) * RG + (e / K + e % K / SH) % RG : (e % K) * RG + e / K] = t;
       }
     }
     for (int p = 0; p < XPT; ++p) {
@@ -174,7 +178,7 @@ for (int it = -1; it < total; ++it) {
           }
         }
         for (int k = k0; k < k1; ++k) {
-          const float4 av = m_s[k * RG + rg];
+          const float4 av = m_s[k * RG + (ROTATE ? (rg + k / SH) % RG : rg)];
           const float4 hv = h_s[k * VG + tc];
           const float ar[4] = {av.x, av.y, av.z, av.w};
           const float hr[4] = {hv.x, hv.y, hv.z, hv.w};
