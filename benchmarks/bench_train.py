@@ -48,8 +48,9 @@ def step_stats(model, seq_len, repeats):
 
     def step():
         loss, grads = value_and_grad(model, *args)
+        mx.eval(loss, grads)  # as train.py
         update(grads)
-        mx.eval(loss, model.parameters(), optimizer.state)
+        mx.eval(model.parameters(), optimizer.state)
 
     step()  # warm-up
     mx.reset_peak_memory()

@@ -80,6 +80,8 @@ def parts(B, T, H, K, V, C=64):
     states, u, _ = kernels.scan_forward(pc.W, pc.U, pc.Kt, pc.decay, h0, seg)
     mx.eval(states, u)
     out["output_ms"] = time_mlx(lambda: chunk.fused(chunk._output)(cq, pc.eg, states, pc.P, u))
+    addmm = lambda q, eg, states, P, u: mx.addmm(P @ u, q * eg, states)  # the sum in the GEMM
+    out["output_addmm_ms"] = time_mlx(lambda: chunk.fused(addmm)(cq, pc.eg, states, pc.P, u))
     seqs = [(0, T)] * B
     out["output_layout_ops_ms"] = time_mlx(lambda: gated_delta._from_chunks(u, seqs, T, B, False).astype(q.dtype))
     out["output_layout_kernel_ms"] = time_mlx(lambda: kernels.chunks_to_rows(u, dst, B, H, q.dtype))

@@ -37,8 +37,9 @@ def main():
 
     def step():
         loss, grads = grad(model, x, y, w)
+        mx.eval(loss, grads)  # as train.py
         update(grads)
-        return loss, model.parameters(), opt.state
+        return model.parameters(), opt.state
 
     out = {"preset": name, "T": T}
     timed(out, "step", step)

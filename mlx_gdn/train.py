@@ -251,8 +251,9 @@ def train(cfg: TrainConfig, progress=True):
             count = mx.maximum(count, 1.0)
             grads = tree_map(lambda g: g * (size / count).astype(g.dtype), nn.average_gradients(grads))
             loss = loss / count
+            mx.eval(loss, grads)  # then the update: one graph for both ran 4% slower (H100)
             clip_and_update(grads)
-            mx.eval(model.parameters(), optimizer.state, loss)
+            mx.eval(model.parameters(), optimizer.state)
             step += 1
             loss = loss.item()
             if not math.isfinite(loss):
