@@ -142,6 +142,24 @@ def test_block_by_block_grads_match_recurrence(monkeypatch):
         assert rms_rel(ref[n], got[n]) <= 1e-5, n
 
 
+def test_whole_op_compiled_matches_and_retraces_on_a_setting(monkeypatch):
+    # on a GPU the chunked op (unpacked rows) runs under mx.compile: here on the CPU's ops path. Its
+    # settings are read while tracing, so a changed one (the block size) must give a new trace.
+    data = make_inputs(6, 2, 100, 2, 4, 32, mask_p=0.2, h0=True, unit_k=False)
+    ref = mlx_grads(data, "chunk", chunk_size=16)
+    monkeypatch.setattr(chunk, "COMPILE_ON_CPU", True)
+    monkeypatch.setattr(gated_delta, "_whole_op_fns", {})
+    got = mlx_grads(data, "chunk", chunk_size=16)
+    assert len(gated_delta._whole_op_fns) == 1
+    monkeypatch.setattr(chunk, "BLOCK_TOKENS", 32)  # 3 blocks of 2 chunks instead of one
+    monkeypatch.setattr(chunk, "BACKWARD_BLOCK_TOKENS", 32)
+    blocked = mlx_grads(data, "chunk", chunk_size=16)
+    assert len(gated_delta._whole_op_fns) == 2
+    for n in NAMES:
+        assert rms_rel(ref[n], got[n]) <= 1e-6, n
+        assert rms_rel(ref[n], blocked[n]) <= 1e-5, n
+
+
 def test_compiled_functions_match_uncompiled(monkeypatch):
     # on a GPU the element-wise chains, the input preparation with its hand-written VJP and the short
     # convolutions run under mx.compile (chunk.fused): the same functions compiled here on the CPU
