@@ -43,7 +43,7 @@ constexpr int STAGES = C / CB;                      // stages of each product pe
 constexpr float SIGN = REVERSE ? 1.0f : -1.0f;
 threadgroup float4 h_s[KG * 4 * VG];                // h_s[k * VG + cg]: state row k, columns 4 cg ...
 threadgroup float4 x_s[C * VG];                     // x_s[c * VG + cg]
-threadgroup float4 m_s[KG * 4 * RG];                // A: m_s[k * RG + (rg + k / SH) % RG], rows 4 rg ...; B: m_s[c * KG + kg]
+threadgroup float4 m_s[KG * 4 * RG];                // A: m_s[k * RG + rg'] (rg' = rg rotated), rows 4 rg; B: m_s[c * KG + kg]
 threadgroup float4 p_s[KS * CB * VG];               // partial sums of A h, one set per k split
 const int N = dims[0], R = dims[1];
 const uint tid = thread_position_in_threadgroup.x;

@@ -151,7 +151,7 @@ def test_whole_op_compiled_matches_and_retraces_on_a_setting(monkeypatch):
     monkeypatch.setattr(gated_delta, "_whole_op_fns", {})
     got = mlx_grads(data, "chunk", chunk_size=16)
     assert len(gated_delta._whole_op_fns) == 1
-    monkeypatch.setattr(chunk, "BLOCK_TOKENS", 32)  # 3 blocks of 2 chunks instead of one
+    monkeypatch.setattr(chunk, "BLOCK_TOKENS", 32)  # blocks of 2 chunks instead of one block
     monkeypatch.setattr(chunk, "BACKWARD_BLOCK_TOKENS", 32)
     blocked = mlx_grads(data, "chunk", chunk_size=16)
     assert len(gated_delta._whole_op_fns) == 2

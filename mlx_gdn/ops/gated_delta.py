@@ -202,9 +202,9 @@ def _settings(module):
 
 def _compiled_chunked(opt, C):
     """_chunked for unpacked rows, under mx.compile on Metal/CUDA (on the CPU's MLX-ops path where
-    the tests ask, chunk.COMPILE_ON_CPU): gdn-1.3b's prefill of 8192 tokens ran 3-4% faster on an
-    H100 (106-108 ms against 110). The settings read while tracing (the backend, chunk.py's and
-    kernels.py's) are part of the key, so changing one traces anew."""
+    the tests ask, chunk.COMPILE_ON_CPU): gdn-1.3b's prefill of 8192 tokens took 106-108 ms against
+    110 on an H100 (alternating in one process; +1% in bench_model_gpu's best round). The settings
+    read while tracing (the backend, chunk.py's and kernels.py's) are in the key: a change traces anew."""
     run = lambda h0, q, k, v, *rest: _chunked(opt, C, [(0, q.shape[1])] * q.shape[0], False, h0,
                                                q, k, v, *rest)
     which = kernels.backend()
