@@ -12,6 +12,7 @@ fla's attention layers need flash-attn (not installable there): hybrids run on o
 import argparse
 import json
 import time
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -23,7 +24,7 @@ from bench_gpu import random_model
 from mlx_gdn.convert import fla_config
 from mlx_gdn.generate import generate_tokens
 from mlx_gdn.models import ModelArgs, PRESETS
-from mlx_gdn.train import compiled_update, loss_fn
+from mlx_gdn.train import compiled_update, compiled_value_and_grad, loss_fn
 
 HBM_BYTES_S = 3.35e12  # H100 SXM
 
@@ -63,10 +64,13 @@ def bench_ours(name, args, ids):
     optimizer = optim.AdamW(1e-4)
     optimizer.init(model.trainable_parameters())
     update = compiled_update(model, optimizer, grad_clip=0.0)  # as train.py, without clipping (as fla's)
-    step = nn.value_and_grad(model, loss_fn)
+    if args.no_compile:
+        step = partial(nn.value_and_grad(model, loss_fn), model)
+    else:  # as train.py for rows without document boundaries
+        step = compiled_value_and_grad(model)
 
     def train_step():
-        loss, grads = step(model, x, y, mx.ones(y.shape))
+        loss, grads = step(x, y, mx.ones(y.shape))
         mx.eval(loss, grads)  # as train.py
         update(grads)
         mx.eval(model.parameters(), optimizer.state)
@@ -151,6 +155,7 @@ def main():
     p.add_argument("--parts", nargs="+", choices=["prefill", "gen", "train"], default=["prefill", "gen", "train"])
     p.add_argument("--rounds", type=int, default=1,
                    help="times ours and fla are measured in turn (fla's numbers moved 30-40%% between calls)")
+    p.add_argument("--no-compile", action="store_true", help="our training step op by op")
     p.add_argument("--no-fla", action="store_true")
     p.add_argument("--no-ours", action="store_true")
     p.add_argument("--out", default=None)

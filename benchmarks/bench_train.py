@@ -6,12 +6,15 @@
 
 --builtin times the same model with its GDN op replaced by MLX's `mx.fast.gated_delta_update`
 through autodiff (gates, beta and the q/k norm computed the same way around it), in the same run.
---checkpoint both also measures each length with gradient checkpointing (peak memory).
+--checkpoint both also measures each length with gradient checkpointing (peak memory). Each step is
+taken as train.py takes it for rows without document boundaries: compiled (train.compiled_value_and_grad)
+unless checkpointed or --no-compile.
 """
 
 import argparse
 import json
 import time
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,7 +24,7 @@ import numpy as np
 import mlx_gdn.layers.gated_deltanet as gdn_layer
 from mlx_gdn.models import Model, ModelArgs, PRESETS
 from mlx_gdn.ops import gated_delta
-from mlx_gdn.train import compiled_update, loss_fn
+from mlx_gdn.train import compiled_update, compiled_value_and_grad, loss_fn
 
 OURS = gdn_layer.gated_delta_rule
 
@@ -38,16 +41,19 @@ def builtin_rule(q, k, v, a, b, *, A_log, dt_bias, allow_neg_eigval, **_):
     return o, None
 
 
-def step_stats(model, seq_len, repeats):
+def step_stats(model, seq_len, repeats, compiled=True):
     ids = mx.array(np.random.default_rng(0).integers(0, model.args.vocab_size, (1, seq_len + 1)))
     args = (ids[:, :-1], ids[:, 1:], mx.ones((1, seq_len)))
     optimizer = optim.AdamW(1e-4)
     optimizer.init(model.trainable_parameters())
     update = compiled_update(model, optimizer, grad_clip=0.0)  # as train.py, without clipping (as fla's)
-    value_and_grad = nn.value_and_grad(model, loss_fn)
+    if compiled:  # as train.py for rows without document boundaries
+        value_and_grad = compiled_value_and_grad(model)
+    else:
+        value_and_grad = partial(nn.value_and_grad(model, loss_fn), model)
 
     def step():
-        loss, grads = value_and_grad(model, *args)
+        loss, grads = value_and_grad(*args)
         mx.eval(loss, grads)  # as train.py
         update(grads)
         mx.eval(model.parameters(), optimizer.state)
@@ -78,6 +84,7 @@ def main():
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--builtin", action="store_true")
     p.add_argument("--checkpoint", choices=["off", "on", "both"], default="off")
+    p.add_argument("--no-compile", action="store_true", help="the step op by op (train.py --no-compile)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     mx.random.seed(0)
@@ -89,12 +96,13 @@ def main():
     for seq_len in args.seq_lens:
         for checkpoint in modes:
             model.model.grad_checkpoint = checkpoint
+            compiled = not (args.no_compile or checkpoint)  # train.py's rule
             row = {"seq_len": seq_len, "grad_checkpoint": checkpoint,
-                   "ours": guarded(lambda: step_stats(model, seq_len, args.repeats))}
+                   "ours": guarded(lambda: step_stats(model, seq_len, args.repeats, compiled))}
             if args.builtin:
                 gdn_layer.gated_delta_rule = builtin_rule
                 try:
-                    row["builtin"] = guarded(lambda: step_stats(model, seq_len, 1))
+                    row["builtin"] = guarded(lambda: step_stats(model, seq_len, 1, compiled))
                 finally:
                     gdn_layer.gated_delta_rule = OURS
                 if "tok_s" in row["builtin"] and "tok_s" in row["ours"]:

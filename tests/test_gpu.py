@@ -118,6 +118,25 @@ def test_chunk_grads_with_kernels_match_ops_path():
         assert rms_rel(a, b) <= FP32_TOL, n
 
 
+def test_compiled_training_step_with_kernels_matches_ops_path():
+    # train.py's compiled step (kernels, fused chains) against value_and_grad op by op on the ops path
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_gdn.models import Model, ModelArgs, PRESETS
+    from mlx_gdn.train import compiled_value_and_grad, loss_fn
+    mx.random.seed(7)
+    model = Model(ModelArgs(**PRESETS["small-gdn"]))
+    ids = mx.array(np.random.default_rng(7).integers(0, 2048, (2, 301)))
+    args = (ids[:, :-1], ids[:, 1:], mx.ones((2, 300)))
+    loss, got = compiled_value_and_grad(model)(*args)
+    with kernels.use_factory("ops", None):
+        want_loss, want = nn.value_and_grad(model, loss_fn)(model, *args)
+    assert abs(loss.item() - want_loss.item()) <= 1e-5 * abs(want_loss.item())
+    want = dict(tree_flatten(want))
+    for name, g in tree_flatten(got):
+        assert rms_rel(np.array(want[name]), np.array(g)) <= 1e-4, name
+
+
 def test_bf16_grads_at_fla_tolerances():
     data = make_inputs(3, 1, 300, 2, 4, 128, mask_p=0.3, h0=True)
     rounded = {n: (x if n == "initial_state" else np.array(mx.array(x).astype(mx.bfloat16).astype(mx.float32)))

@@ -2,7 +2,6 @@
 
 import json
 
-import mlx.core as mx
 import numpy as np
 import pytest
 import sentencepiece
@@ -46,7 +45,7 @@ def test_resume_gives_the_same_weights(corpus, tmp_path, monkeypatch):
     import mlx_gdn.train as training
     straight = weights(train(config(corpus, tmp_path / "a"), progress=False))
     calls = {"n": 0}
-    real = training.loss_fn
+    real = training.batch_at  # called once a step here (no grad accumulation, no validation data)
 
     def interrupted(*args):  # Ctrl-C during step 19, after the step-16 checkpoint
         calls["n"] += 1
@@ -54,10 +53,10 @@ def test_resume_gives_the_same_weights(corpus, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(training, "loss_fn", interrupted)
+    monkeypatch.setattr(training, "batch_at", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(config(corpus, tmp_path / "b"), progress=False)
-    monkeypatch.setattr(training, "loss_fn", real)
+    monkeypatch.setattr(training, "batch_at", real)
     assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["step"] == 16
     resumed = weights(train(config(corpus, tmp_path / "b", resume=True), progress=False))
     for k in straight:
@@ -69,14 +68,14 @@ def test_resume_gives_the_same_weights(corpus, tmp_path, monkeypatch):
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(corpus, tmp_path, monkeypatch):
     import mlx_gdn.train as training
     calls = {"n": 0}
-    real = training.loss_fn
+    real = training.batch_at
 
-    def poisoned(*args):  # the 11th step's loss is NaN
+    def poisoned(*args):  # the 11th step's loss is NaN (its target weights are)
         calls["n"] += 1
-        loss = real(*args)
-        return loss * mx.array(float("nan")) if calls["n"] == 11 else loss
+        inputs, targets, weights, docs = real(*args)
+        return inputs, targets, weights * (float("nan") if calls["n"] == 11 else 1.0), docs
 
-    monkeypatch.setattr(training, "loss_fn", poisoned)
+    monkeypatch.setattr(training, "batch_at", poisoned)
     with pytest.raises(FloatingPointError, match=r"loss is nan at step 11; the last good checkpoint \(step 8\)"):
         train(config(corpus, tmp_path / "nan"), progress=False)
     state = json.loads((tmp_path / "nan" / "checkpoint" / "state.json").read_text())

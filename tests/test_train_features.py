@@ -8,7 +8,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import sentencepiece
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlx_gdn.convert import to_hf
 from mlx_gdn.data import batch_at, encode_row, pack
@@ -111,6 +111,28 @@ def test_grad_checkpoint_gives_the_same_gradients():
         checked = dict(tree_flatten(nn.value_and_grad(model, loss_fn)(model, *args)[1]))
         for name in plain:
             np.testing.assert_allclose(np.array(checked[name]), np.array(plain[name]), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("preset,checkpointed", [("tiny-gdn", False), ("tiny-h1", True)])
+def test_compiled_step_equals_value_and_grad(preset, checkpointed):
+    # the compiled step (rows without document boundaries) against value_and_grad op by op, then
+    # again after the weights change: the replayed graph reads the new weights, and the model keeps
+    # real arrays (no tracers) after each call
+    mx.random.seed(6)
+    model = Model(ModelArgs(**PRESETS[preset]))
+    model.model.grad_checkpoint = checkpointed
+    ids = mx.array(np.random.default_rng(6).integers(0, 500, (2, 81)))
+    args = (ids[:, :-1], ids[:, 1:], mx.ones((2, 80)))
+    step, plain = training.compiled_value_and_grad(model), nn.value_and_grad(model, loss_fn)
+    for _ in range(2):
+        loss, grads = step(*args)
+        want_loss, want = plain(model, *args)
+        np.testing.assert_allclose(loss.item(), want_loss.item(), rtol=1e-5)
+        want = dict(tree_flatten(want))
+        for name, g in tree_flatten(grads):
+            np.testing.assert_allclose(np.array(g), np.array(want[name]), rtol=1e-4, atol=1e-6,
+                                       err_msg=name)
+        model.update(tree_map(lambda p, g: p - 0.5 * g, model.trainable_parameters(), grads))
 
 
 @pytest.mark.parametrize("tied", [False, True])
