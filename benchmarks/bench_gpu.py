@@ -2,7 +2,9 @@
 
 bf16, q/k L2-normalised in kernel, g log decay, beta in (0, 1): forward and forward+backward time of
 mlx_gdn.ops.gated_delta_rule vs fla chunk_gated_delta_rule vs mx.fast.gated_delta_update, and one
-decode step (B in {1, 16}, H = 16, D = 128) vs fla fused_recurrent_gated_delta_rule.
+decode step (B in {1, 16}, H = 16, D = 128) vs fla fused_recurrent_gated_delta_rule. Ours'
+forward+backward is timed op by op (mx.grad) and compiled whole (mx.compile(mx.grad), as train.py's
+step runs it).
 
     PYTHONPATH=. python benchmarks/bench_gpu.py [--out results.json] [--skip-builtin-bwd]
 """
@@ -69,7 +71,11 @@ def bench_ours(q, k, v, g, beta):
     loss = lambda *xs: (gated_delta_rule(*xs, use_qk_l2norm_in_kernel=True, mode="chunk")[0] * w
                         ).astype(mx.float32).sum()
     grad = mx.grad(loss, argnums=[0, 1, 2, 3, 4])
-    return time_mlx(fwd), time_mlx(lambda: grad(qm, km, vm, gm, bm))
+    # compiled whole, as train.py's step runs the op (MLX compiles nothing inside mx.grad: op by
+    # op, the op's element-wise chains do not fuse)
+    compiled = mx.compile(grad)
+    return (time_mlx(fwd), time_mlx(lambda: grad(qm, km, vm, gm, bm)),
+            time_mlx(lambda: compiled(qm, km, vm, gm, bm)))
 
 
 def bench_builtin(q, k, v, g, beta, backward):
@@ -184,7 +190,7 @@ def main():
         row = {"shape": [B, T, H, D]}
         # ours and fla take turns, --rounds times; each key gets the best round, "<key>_rounds" all
         for _ in range(args.rounds):
-            timed = dict(zip(("ours_fwd_ms", "ours_fwdbwd_ms"), bench_ours(*data)))
+            timed = dict(zip(("ours_fwd_ms", "ours_fwdbwd_ms", "ours_fwdbwd_compiled_ms"), bench_ours(*data)))
             if args.compare_mma:
                 kernel, kernels.SCAN_KERNEL = kernels.SCAN_KERNEL, "mma"
                 timed.update(zip(("ours_mma_fwd_ms", "ours_mma_fwdbwd_ms"), bench_ours(*data)))
@@ -209,7 +215,7 @@ def main():
     if not args.skip_builtin:
         data = inputs(1, 2048, 16, 128)
         small = {"shape": [1, 2048, 16, 128]}
-        small["ours_fwd_ms"], small["ours_fwdbwd_ms"] = bench_ours(*data)
+        small["ours_fwd_ms"], small["ours_fwdbwd_ms"], small["ours_fwdbwd_compiled_ms"] = bench_ours(*data)
         small.update({f"builtin_{k}": val for k, val in
                       bench_builtin(*data, backward=not args.skip_builtin_bwd).items()})
         rows.append(small)
