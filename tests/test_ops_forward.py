@@ -175,6 +175,7 @@ def test_low_precision(dtype, mode):
 def test_blocks_carry_the_state(monkeypatch, cu):
     # long inputs run block by block; blocks of 2 chunks here, so segments cross block boundaries
     from mlx_gdn.ops import chunk
+    monkeypatch.setattr(chunk, "REFERENCE_TOKEN_FLOATS", 0)  # block sizes as set, at any head width
     monkeypatch.setattr(chunk, "BLOCK_TOKENS", 32)
     n_states = len(cu) - 1 if cu else 2
     data = make_inputs(41, 1 if cu else 2, 300, 2, 4, 32, mask_p=0.2, h0=True, n_states=n_states)

@@ -132,6 +132,7 @@ def test_low_precision_grads(dtype):
 def test_block_by_block_grads_match_recurrence(monkeypatch):
     from mlx_gdn.ops import chunk
     # forward blocks of 3 chunks, backward blocks of 2: the two passes split differently
+    monkeypatch.setattr(chunk, "REFERENCE_TOKEN_FLOATS", 0)  # block sizes as set, at any head width
     monkeypatch.setattr(chunk, "BLOCK_TOKENS", 48)
     monkeypatch.setattr(chunk, "BACKWARD_BLOCK_TOKENS", 32)
     cu = [0, 15, 100, 101, 170]
@@ -151,6 +152,7 @@ def test_whole_op_compiled_matches_and_retraces_on_a_setting(monkeypatch):
     monkeypatch.setattr(gated_delta, "_whole_op_fns", {})
     got = mlx_grads(data, "chunk", chunk_size=16)
     assert len(gated_delta._whole_op_fns) == 1
+    monkeypatch.setattr(chunk, "REFERENCE_TOKEN_FLOATS", 0)  # block sizes as set, at any head width
     monkeypatch.setattr(chunk, "BLOCK_TOKENS", 32)  # blocks of 2 chunks instead of one block
     monkeypatch.setattr(chunk, "BACKWARD_BLOCK_TOKENS", 32)
     blocked = mlx_grads(data, "chunk", chunk_size=16)

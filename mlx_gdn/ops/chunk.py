@@ -38,7 +38,22 @@ BACKWARD_BLOCK_TOKENS = 1024  # the backward keeps more per token: smaller block
 KERNEL_BLOCK_SCALE = 8
 
 
-def _block_tokens(tokens):
+def token_floats(HV, C, K, V):
+    """About the floats a token takes in a block's temporaries (C x C matrices, K and V rows)."""
+    return HV * (8 * C + 6 * (K + V))
+
+
+# The block sizes above hold for heads this wide (16 value heads, K = V = 128, C = 64); narrower heads
+# get a whole multiple more tokens a block, for about the same memory. Where heads are small the
+# number of ops, not their size, sets the time: tiny-gdn's heads (2 x 16 x 32) then run 2048 tokens
+# backward as one block instead of two (this CPU, OpenBLAS: a compiled training step 127-131 -> 119
+# ms, peak 77 -> 96 MB). 0 turns the scaling off.
+REFERENCE_TOKEN_FLOATS = token_floats(16, 64, 128, 128)
+
+
+def _block_tokens(tokens, HV, C, K, V):
+    if REFERENCE_TOKEN_FLOATS:
+        tokens *= max(1, REFERENCE_TOKEN_FLOATS // token_floats(HV, C, K, V))
     return tokens if kernels.backend() == "ops" else tokens * KERNEL_BLOCK_SCALE
 
 
@@ -355,7 +370,8 @@ def _one_array(arrays):
 def chunk_forward(q, k, v, g, beta, h0, segments):
     """Block by block (the scan state carried across): (o, final states, per-chunk start states, u)."""
     nb = h0.shape[0] // len(segments)
-    blocks = _blocks(q.shape[0] // nb, q.shape[-2], segments, _block_tokens(BLOCK_TOKENS))
+    HV, C, K = q.shape[1:]
+    blocks = _blocks(q.shape[0] // nb, C, segments, _block_tokens(BLOCK_TOKENS, HV, C, K, v.shape[-1]))
     outs, finals, carry = [], [None] * len(segments), None
     for b0, b1, pieces in blocks:
         rows = slice(b0 * nb, b1 * nb)
@@ -380,7 +396,9 @@ def chunk_forward(q, k, v, g, beta, h0, segments):
 def chunk_backward(q, k, v, g, beta, segments, do, dhT, states, u):
     """Gradients (dq, dk, dv, dg, dbeta, dh0) of chunk_forward's (o, hT), blocks in reverse."""
     nb = dhT.shape[0] // len(segments)
-    blocks = _blocks(q.shape[0] // nb, q.shape[-2], segments, _block_tokens(BACKWARD_BLOCK_TOKENS))
+    HV, C, K = q.shape[1:]
+    blocks = _blocks(q.shape[0] // nb, C, segments,
+                     _block_tokens(BACKWARD_BLOCK_TOKENS, HV, C, K, v.shape[-1]))
     grads, dh0, carry = [], [None] * len(segments), None
     for b0, b1, pieces in reversed(blocks):
         rows = slice(b0 * nb, b1 * nb)
