@@ -46,8 +46,8 @@ def token_floats(HV, C, K, V):
 # The block sizes above hold for heads this wide (16 value heads, K = V = 128, C = 64); narrower heads
 # get a whole multiple more tokens a block, for about the same memory. Where heads are small the
 # number of ops, not their size, sets the time: tiny-gdn's heads (2 x 16 x 32) then run 2048 tokens
-# backward as one block instead of two (this CPU, OpenBLAS: a compiled training step 127-131 -> 119
-# ms, peak 77 -> 96 MB). 0 turns the scaling off.
+# backward as one block instead of two (this CPU, OpenBLAS: a compiled value_and_grad 151-167 ->
+# 132-147 ms, peak 77 -> 96 MB). 0 turns the scaling off.
 REFERENCE_TOKEN_FLOATS = token_floats(16, 64, 128, 128)
 
 
