@@ -138,6 +138,20 @@ def test_compiled_step_equals_value_and_grad(preset, checkpointed, lora):
         model.update(tree_map(lambda p, g: p - 0.5 * g, model.trainable_parameters(), grads))
 
 
+@pytest.mark.parametrize("scale", [1.0, 80.0])  # 80: logits far past exp's float32 range unshifted
+def test_cross_entropy_equals_mlx_cross_entropy(scale):
+    # our one-exp cross-entropy (value and gradient) against nn.losses.cross_entropy's autodiff
+    rng = np.random.default_rng(8)
+    logits = mx.array(rng.standard_normal((2, 40, 37)).astype(np.float32) * scale)
+    targets = mx.array(rng.integers(0, 37, (2, 40)))
+    weights = mx.array(rng.uniform(0, 1, (2, 40)).astype(np.float32))
+    ours = lambda x: (training.cross_entropy(x, targets) * weights).sum()
+    mlx = lambda x: (nn.losses.cross_entropy(x, targets, reduction="none") * weights).sum()
+    (got, got_grad), (want, want_grad) = mx.value_and_grad(ours)(logits), mx.value_and_grad(mlx)(logits)
+    np.testing.assert_allclose(got.item(), want.item(), rtol=1e-6)
+    np.testing.assert_allclose(np.array(got_grad), np.array(want_grad), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_loss_in_blocks_equals_the_whole_loss(monkeypatch, tied):
     # 7-token blocks (the last one shorter), weighted targets, packed documents: the loss and every
