@@ -113,14 +113,18 @@ def test_grad_checkpoint_gives_the_same_gradients():
             np.testing.assert_allclose(np.array(checked[name]), np.array(plain[name]), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("preset,checkpointed,lora", [("tiny-gdn", False, False), ("tiny-h1", True, False),
-                                                     ("tiny-gdn", False, True)])
-def test_compiled_step_equals_value_and_grad(preset, checkpointed, lora):
+H2 = dict(num_hidden_layers=3, layer_types=["mamba2", "gdn", "swa"], mamba_state_size=16, mamba_head_dim=16)
+
+
+@pytest.mark.parametrize("preset,changes,checkpointed,lora", [
+    ("tiny-gdn", {}, False, False), ("tiny-h1", {}, True, False), ("tiny-gdn", {}, False, True),
+    ("tiny-h1", H2, False, False)])
+def test_compiled_step_equals_value_and_grad(preset, changes, checkpointed, lora):
     # the compiled step (rows without document boundaries) against value_and_grad op by op, then
     # again after the weights change: the replayed graph reads the new weights, and the model keeps
     # real arrays (no tracers) after each call
     mx.random.seed(6)
-    model = Model(ModelArgs(**PRESETS[preset]))
+    model = Model(ModelArgs(**dict(PRESETS[preset], **changes)))
     model.model.grad_checkpoint = checkpointed
     if lora:  # only the adapters train; the frozen weights are inputs of the compiled graph too
         apply_lora(model, LoraConfig(4, 8.0, -1, ("q_proj", "v_proj")))
