@@ -70,13 +70,21 @@ def _mm_nt(a, b):
 _mask_cache = {}
 
 
+def _constant(key, make):
+    """make(), evaluated once and cached: reshaping a pending array would stall the streams."""
+    if key not in _mask_cache:
+        _mask_cache[key] = make()
+        mx.eval(_mask_cache[key])
+    return _mask_cache[key]
+
+
 def _masks(C):
-    """(i >= j, i > j) as evaluated constants: reshaping a pending array would stall the streams."""
-    if C not in _mask_cache:
+    """(i >= j, i > j) over a chunk, evaluated constants."""
+    def make():
         i = mx.arange(C)
-        _mask_cache[C] = (i[:, None] >= i[None, :], i[:, None] > i[None, :])
-        mx.eval(_mask_cache[C])
-    return _mask_cache[C]
+        return i[:, None] >= i[None, :], i[:, None] > i[None, :]
+
+    return _constant(C, make)
 
 
 def _decay_matrix(gamma, incl):
@@ -103,12 +111,8 @@ def _decay_matrix(gamma, incl):
 
 
 def _block_diagonal(nb):
-    """(I == J) as [nb, 1, nb, 1] over blocks I, J, an evaluated constant as _masks' are."""
-    key = ("block diagonal", nb)
-    if key not in _mask_cache:
-        _mask_cache[key] = mx.eye(nb, dtype=mx.bool_).reshape(nb, 1, nb, 1)
-        mx.eval(_mask_cache[key])
-    return _mask_cache[key]
+    """(I == J) as [nb, 1, nb, 1] over blocks I, J, an evaluated constant."""
+    return _constant(("block diagonal", nb), lambda: mx.eye(nb, dtype=mx.bool_).reshape(nb, 1, nb, 1))
 
 
 def invert_unit_lower(A):
