@@ -4,7 +4,8 @@ For random bf16 presets: prefill tokens/s (B = 1), time to first token and gener
 B = 1 (ours: mlx_gdn.generate.generate_tokens; fla: transformers' generate, greedy, its cache), a
 training step's tokens/s (forward + backward + AdamW; ours through the chunked VJP, fla through its
 Triton kernels), and the weight-bandwidth roofline for generation (weights read once per token).
-fla's attention layers need flash-attn (not installable there): hybrids run on our side only.
+fla's attention layers need flash-attn (not installable there): hybrids run on our side only, or on
+fla's with `--fla-attention sdpa`, a PyTorch SDPA stand-in for flash-attn (sdpa_attention.py).
 
     PYTHONPATH=. python benchmarks/bench_model_gpu.py --presets gdn-0.4b gdn-1.3b h1-0.4b --out r.json
 """
@@ -91,8 +92,14 @@ def bench_fla(name, args, ids, row):
 
     config = fla_config(ModelArgs(**PRESETS[name]))
     if config.get("attn"):
-        row["skipped"] = "fla's attention layers need flash-attn"
-        return
+        if args.fla_attention != "sdpa":
+            row["skipped"] = "fla's attention layers need flash-attn"
+            return
+        import fla.layers.attn
+        from sdpa_attention import flash_attn_func
+
+        fla.layers.attn.flash_attn_func = flash_attn_func
+        row["attention"] = "sdpa stand-in for flash-attn"
     torch.manual_seed(0)
     model = GatedDeltaNetForCausalLM(GatedDeltaNetConfig(**config)).cuda().to(torch.bfloat16)
     prompt = torch.tensor(ids, device="cuda")
@@ -157,6 +164,8 @@ def main():
                    help="times ours and fla are measured in turn (fla's numbers moved 30-40%% between calls)")
     p.add_argument("--no-compile", action="store_true", help="our training step op by op")
     p.add_argument("--no-fla", action="store_true")
+    p.add_argument("--fla-attention", choices=["flash-attn", "sdpa"], default="flash-attn",
+                   help="sdpa: fla's attention layers on a PyTorch SDPA stand-in (no flash-attn needed)")
     p.add_argument("--no-ours", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,3 +68,25 @@ def test_ab_kernels_times_each_text_on_its_own(tmp_path):
     rows = json.loads((tmp_path / "out.json").read_text())["rows"]
     diffs = {r["variant"]: r["max_abs_diff_vs_shipped"] for r in rows}
     assert diffs["body:copy.metal"] == 0.0 and diffs["body:half.metal"] > 1e-3
+
+
+@pytest.mark.parametrize("T,window", [(37, 8), (40, 64), (33, -1)])
+def test_sdpa_stand_in_for_flash_attn_matches_a_windowed_softmax(T, window):
+    # bench_model_gpu.py runs fla's hybrids with this in place of flash-attn: it must attend to each
+    # token and the `window - 1` before it (flash-attn's window_size=(window - 1, 0)), with GQA
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from sdpa_attention import flash_attn_func
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, T, heads, 8)) for heads in (4, 2, 2))
+    left = window - 1 if window > 0 else -1
+    out = flash_attn_func(*(torch.tensor(x, dtype=torch.float32) for x in (q, k, v)), causal=True,
+                          window_size=(left, 0)).double().numpy()
+    kr, vr = np.repeat(k, 2, axis=2), np.repeat(v, 2, axis=2)  # query head h reads kv head h // 2
+    scores = np.einsum("bihd,bjhd->bhij", q, kr) / np.sqrt(8)
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    scores = np.where((j <= i) & ((left < 0) | (j >= i - left)), scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = np.einsum("bhij,bjhd->bihd", weights / weights.sum(-1, keepdims=True), vr)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
