@@ -174,7 +174,9 @@ def test_loss_in_blocks_equals_the_whole_loss(monkeypatch, tied):
     np.testing.assert_allclose(loss.item(), whole_loss.item(), rtol=1e-6)
     whole = dict(tree_flatten(whole))
     for name, g in tree_flatten(grads):
-        np.testing.assert_allclose(np.array(g), np.array(whole[name]), rtol=1e-5, atol=1e-7,
+        # atol: a whole loss keeps its softmax for the backward (train.cross_entropy), blocks take
+        # nn.losses.cross_entropy's autodiff: the same math, rounded differently
+        np.testing.assert_allclose(np.array(g), np.array(whole[name]), rtol=1e-5, atol=1e-6,
                                    err_msg=name)
 
 
