@@ -6,6 +6,9 @@ SM has 65,536 registers and 228 KB of shared memory).
     python benchmarks/cuda_resource_usage.py chunk_pieces K=128 V=128 C=64 THREADS=256 KC=32 CS=68 TS=68
     python benchmarks/cuda_resource_usage.py chunk_scan_mma K=128 V=128 C=64 THREADS=512 \\
         BV=16 CB=32 KS=4 REVERSE=false HAS_Y=false AST=132 BST=36 HST=24
+
+The kernel's launch bounds are those kernels.CUDA_MIN_THREADGROUPS gives it (THREADS threads);
+MIN_THREADGROUPS=N sets them instead (0: none).
 """
 
 import subprocess
@@ -31,11 +34,19 @@ def _constant(name, value):
 
 
 def cuda_source(name, template):
+    template = dict(template)
+    bounds = kernels.CUDA_MIN_THREADGROUPS.get(name, 0)
+    bounds = int(template.pop("MIN_THREADGROUPS", bounds))
+    saved, kernels.CUDA_MIN_THREADGROUPS = kernels.CUDA_MIN_THREADGROUPS, {name: bounds}
+    try:
+        header = metal_kernels.prelude("cuda") + kernels.launch_bounds(name, template.get("THREADS"))
+    finally:
+        kernels.CUDA_MIN_THREADGROUPS = saved
     inputs, outputs = kernels.SPECS[name]
     consts = "\n".join(_constant(k, v) for k, v in template.items())
     args = ", ".join([f"const {'int' if n in INT_INPUTS else 'float'}* {n}" for n in inputs]
                      + [f"float* {n}" for n in outputs])
-    return (f"{metal_kernels.prelude('cuda')}\n__global__ void {name}({args}) {{\n{consts}\n"
+    return (f"{header}\n__global__ void {name}({args}) {{\n{consts}\n"
             f"{metal_kernels.source(name)}\n}}\n")
 
 

@@ -52,6 +52,21 @@ def test_cuda_resource_usage_compiles_every_chunk_kernel():
         assert run.returncode == 0 and "registers" in run.stdout, run.stdout + run.stderr
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit, no GPU)")
+def test_cuda_launch_bounds_cap_the_registers():
+    # the header kernels.launch_bounds writes must reach ptxas: 3 threadgroups of 256 threads an SM
+    # leave at most 65536 / 768 = 85 registers a thread (without bounds chunk_grads takes 128)
+    args = "K=128 V=128 C=64 THREADS=256 KC=16 CS=68 TS=68".split()
+    used = {}
+    for blocks in (0, 3):
+        run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cuda_resource_usage.py"),
+                              "chunk_grads", *args, f"MIN_THREADGROUPS={blocks}"],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout + run.stderr
+        used[blocks] = int(run.stdout.split("Used ")[1].split(" registers")[0])
+    assert used[3] <= 85 < used[0]
+
+
 def test_ab_kernels_times_each_text_on_its_own(tmp_path):
     # through the emulator, tiny: a copy of the shipped scan matches it, a changed one does not
     body = (ROOT / "metal_kernels" / "chunk_scan.metal").read_text()

@@ -383,6 +383,27 @@ def test_kernels_are_named_by_their_text(monkeypatch):
     assert names[0] != names[1] and names[2] == "decode_step"
 
 
+def test_cuda_launch_bounds_go_in_the_kernel_header(monkeypatch):
+    # mx.fast.cuda_kernel writes no __launch_bounds__: the header gives them to the kernels that
+    # CUDA_MIN_THREADGROUPS names, under a name of their own (nvcc honours them: test_benchmarks_smoke)
+    made = []
+    monkeypatch.setattr(kernels, "backend", lambda: "cuda")
+    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: made.append(kw))
+    monkeypatch.setattr(kernels, "_compiled", {})
+    monkeypatch.setattr(kernels, "CUDA_MIN_THREADGROUPS", {"chunk_grads": 3})
+    kernels.get_kernel("chunk_grads", 256)
+    kernels.get_kernel("chunk_pieces", 256)
+    with pytest.raises(ValueError, match="threadgroup size"):
+        kernels.get_kernel("chunk_grads")
+    monkeypatch.setattr(kernels, "CUDA_MIN_THREADGROUPS", {})
+    kernels.get_kernel("chunk_grads", 256)
+    bounded, pieces, plain = made
+    assert bounded["header"].startswith(metal_kernels.prelude("cuda"))
+    assert bounded["header"].endswith("__launch_bounds__(256, 3)\n")
+    assert "__launch_bounds__" not in pieces["header"] + plain["header"]
+    assert bounded["name"] != plain["name"]
+
+
 def test_every_kernel_file_was_executed():
     # runs last in this module: each .metal body must have been run by a test above
     files = set(metal_kernels.kernel_files())

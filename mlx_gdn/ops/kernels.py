@@ -46,6 +46,10 @@ THREADGROUP_BYTES = {"metal": 32768, "cuda": 49152}  # Metal's limit; CUDA's for
 SCAN_KERNEL = "simt"
 MMA_SCAN_THREADS = 512
 PADDED_STRIDES = {"cuda": True}  # threadgroup arrays padded against CUDA's shared-memory bank conflicts
+# CUDA: threadgroups an SM that a kernel's registers must leave room for (its __launch_bounds__).
+# mx.fast.cuda_kernel writes no attributes, so the header redefines __global__ for that kernel.
+# ptxas alone gives chunk_grads 128 registers (2 threadgroups of 256 an SM), the scans 87-105.
+CUDA_MIN_THREADGROUPS = {"chunk_grads": 3}
 
 _override = None  # (backend name, factory) while use_factory is active
 _compiled = {}
@@ -74,11 +78,14 @@ def use_factory(name, factory):
         _override = previous
 
 
-def get_kernel(name):
+def get_kernel(name, threads=None):
+    """The kernel `name` for the current backend; `threads`, the threadgroup size it will be launched
+    with, is needed where CUDA_MIN_THREADGROUPS names the kernel."""
     which = backend()
     if which == "ops":
         raise RuntimeError("no kernel backend: Metal and CUDA are unavailable (or MLX_GDN_BACKEND=ops)")
-    key = (which, name, id(_override[1]) if _override else None)
+    bounds = launch_bounds(name, threads) if which == "cuda" and _override is None else ""
+    key = (which, name, id(_override[1]) if _override else None, bounds)
     if key not in _compiled:
         inputs, outputs = SPECS[name]
         if _override is not None:
@@ -86,13 +93,26 @@ def get_kernel(name):
         elif which == "metal":
             factory, header = mx.fast.metal_kernel, metal_kernels.prelude("metal")
         else:
-            factory, header = mx.fast.cuda_kernel, metal_kernels.prelude("cuda")
+            factory, header = mx.fast.cuda_kernel, metal_kernels.prelude("cuda") + bounds
         source = metal_kernels.source(name)
         if which in ("metal", "cuda"):
             name = text_named(name, header + source)
         _compiled[key] = factory(name=name, input_names=inputs, output_names=outputs,
                                  source=source, header=header)
     return _compiled[key]
+
+
+def launch_bounds(name, threads):
+    """CUDA header lines giving kernel `name` __launch_bounds__(threads, CUDA_MIN_THREADGROUPS[name]),
+    or "" where it has none. They follow the prelude: the kernel MLX writes after them is the only
+    __global__ function left in the program."""
+    blocks = CUDA_MIN_THREADGROUPS.get(name)
+    if not blocks:
+        return ""
+    if threads is None:
+        raise ValueError(f"{name}: CUDA_MIN_THREADGROUPS needs the threadgroup size")
+    return ("\n#undef __global__\n"
+            f"#define __global__ __attribute__((global)) __launch_bounds__({threads}, {blocks})\n")
 
 
 def text_named(name, text):
@@ -175,7 +195,7 @@ def _scan(A, X, Bm, Y, decay, h_in, segments, reverse):
         wide = resident is not None and R * -(-V // SCAN_TILE) > resident
         tile, rows = _scan_tiles(K, C, threads, limit, 2 * SCAN_TILE if wide else SCAN_TILE)
     has_y = Y is not None
-    states, x_new, h_out = get_kernel(name)(
+    states, x_new, h_out = get_kernel(name, threads)(
         inputs=[A, X, Bm, Y if has_y else mx.zeros((1,)), decay.reshape(N, R), h_in,
                 *_scan_flags(segments, N, reverse), mx.array([N, R], dtype=mx.int32)],
         template=[("K", K), ("V", V), ("C", C), ("THREADS", threads), ("BV", tile), ("CB", rows),
@@ -229,7 +249,7 @@ def chunk_pieces(q, k, v, gamma, beta):
     """The chunk pieces kernel on chunk-major q, k [..., C, K], v [..., C, V], gamma, beta [..., C, 1]
     (float32): (KKG, P, Tinv, W, U) as chunk._pieces_before_inverse / _pieces_after_inverse give them."""
     lead, C, K, V, launch = _per_chunk_launch(q, v, _pieces_config)
-    return tuple(get_kernel("chunk_pieces")(
+    return tuple(get_kernel("chunk_pieces", launch["threadgroup"][0])(
         inputs=[q, k, v, gamma, beta],
         output_shapes=[(*lead, C, C)] * 3 + [(*lead, C, K), (*lead, C, V)],
         output_dtypes=[mx.float32] * 5, **launch))
@@ -249,7 +269,7 @@ def chunk_grads(q, k, v, do, u, du, du_h, dKt, dQg, Tinv, W, U, KKG, P, gamma, b
     [..., C, V]; C x C pieces; gamma, beta [..., C, 1]; dchunk one per chunk): (dq, dk, dv, dg, dbeta)
     as chunk._backward_after_scan gives them, from the GEMMs du_h = du h^T, dKt = u dh'^T, dQg = dO h^T."""
     lead, C, K, V, launch = _per_chunk_launch(q, v, _grads_config)
-    return tuple(get_kernel("chunk_grads")(
+    return tuple(get_kernel("chunk_grads", launch["threadgroup"][0])(
         inputs=[q, k, v, do, u, du, du_h, dKt, dQg, Tinv, W, U, KKG, P, gamma, beta, dchunk],
         output_shapes=[(*lead, C, K)] * 2 + [(*lead, C, V)] + [(*lead, C, 1)] * 2,
         output_dtypes=[mx.float32] * 5, **launch))
