@@ -35,13 +35,9 @@ def _constant(name, value):
 
 def cuda_source(name, template):
     template = dict(template)
-    bounds = kernels.CUDA_MIN_THREADGROUPS.get(name, 0)
-    bounds = int(template.pop("MIN_THREADGROUPS", bounds))
-    saved, kernels.CUDA_MIN_THREADGROUPS = kernels.CUDA_MIN_THREADGROUPS, {name: bounds}
-    try:
-        header = metal_kernels.prelude("cuda") + kernels.launch_bounds(name, template.get("THREADS"))
-    finally:
-        kernels.CUDA_MIN_THREADGROUPS = saved
+    blocks = template.pop("MIN_THREADGROUPS", None)
+    header = metal_kernels.prelude("cuda") + kernels.launch_bounds(
+        name, template.get("THREADS"), None if blocks is None else int(blocks))
     inputs, outputs = kernels.SPECS[name]
     consts = "\n".join(_constant(k, v) for k, v in template.items())
     args = ", ".join([f"const {'int' if n in INT_INPUTS else 'float'}* {n}" for n in inputs]

@@ -102,11 +102,11 @@ def get_kernel(name, threads=None):
     return _compiled[key]
 
 
-def launch_bounds(name, threads):
-    """CUDA header lines giving kernel `name` __launch_bounds__(threads, CUDA_MIN_THREADGROUPS[name]),
-    or "" where it has none. They follow the prelude: the kernel MLX writes after them is the only
-    __global__ function left in the program."""
-    blocks = CUDA_MIN_THREADGROUPS.get(name)
+def launch_bounds(name, threads, blocks=None):
+    """CUDA header lines giving kernel `name` __launch_bounds__(threads, blocks), blocks by default
+    CUDA_MIN_THREADGROUPS[name]; "" for none. They follow the prelude: the kernel MLX writes after
+    them is the only __global__ function left in the program."""
+    blocks = CUDA_MIN_THREADGROUPS.get(name) if blocks is None else blocks
     if not blocks:
         return ""
     if threads is None:
