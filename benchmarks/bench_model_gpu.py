@@ -13,10 +13,8 @@ fla's with `--fla-attention sdpa`, a PyTorch SDPA stand-in for flash-attn (sdpa_
 import argparse
 import json
 import time
-from functools import partial
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
@@ -25,7 +23,7 @@ from bench_gpu import random_model
 from mlx_gdn.convert import fla_config
 from mlx_gdn.generate import generate_tokens
 from mlx_gdn.models import ModelArgs, PRESETS
-from mlx_gdn.train import compiled_update, compiled_value_and_grad, loss_fn
+from mlx_gdn.train import compiled_update, value_and_grad_step
 
 HBM_BYTES_S = 3.35e12  # H100 SXM
 
@@ -65,10 +63,7 @@ def bench_ours(name, args, ids):
     optimizer = optim.AdamW(1e-4)
     optimizer.init(model.trainable_parameters())
     update = compiled_update(model, optimizer, grad_clip=0.0)  # as train.py, without clipping (as fla's)
-    if args.no_compile:
-        step = partial(nn.value_and_grad(model, loss_fn), model)
-    else:  # as train.py for rows without document boundaries
-        step = compiled_value_and_grad(model)
+    step = value_and_grad_step(model, not args.no_compile)  # compiled: as train.py for unpacked rows
 
     def train_step():
         loss, grads = step(x, y, mx.ones(y.shape))

@@ -14,17 +14,15 @@ unless checkpointed or --no-compile; the built-in's step op by op (compiled, it 
 import argparse
 import json
 import time
-from functools import partial
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
 import mlx_gdn.layers.gated_deltanet as gdn_layer
 from mlx_gdn.models import Model, ModelArgs, PRESETS
 from mlx_gdn.ops import gated_delta
-from mlx_gdn.train import compiled_update, compiled_value_and_grad, loss_fn
+from mlx_gdn.train import compiled_update, value_and_grad_step
 
 OURS = gdn_layer.gated_delta_rule
 
@@ -47,10 +45,7 @@ def step_stats(model, seq_len, repeats, compiled=True):
     optimizer = optim.AdamW(1e-4)
     optimizer.init(model.trainable_parameters())
     update = compiled_update(model, optimizer, grad_clip=0.0)  # as train.py, without clipping (as fla's)
-    if compiled:  # as train.py for rows without document boundaries
-        value_and_grad = compiled_value_and_grad(model)
-    else:
-        value_and_grad = partial(nn.value_and_grad(model, loss_fn), model)
+    value_and_grad = value_and_grad_step(model, compiled)  # compiled: as train.py for unpacked rows
 
     def step():
         loss, grads = value_and_grad(*args)

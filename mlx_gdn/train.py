@@ -153,6 +153,12 @@ def compiled_value_and_grad(model):
     return step
 
 
+def value_and_grad_step(model, compiled):
+    """step(inputs, targets, weights[, segments]) -> (loss, grads): compiled_value_and_grad(model)
+    (rows without document boundaries), or loss_fn's value_and_grad op by op."""
+    return compiled_value_and_grad(model) if compiled else partial(nn.value_and_grad(model, loss_fn), model)
+
+
 def compiled_update(model, optimizer, grad_clip):
     """update(grads): gradient clipping and the optimizer step over every parameter as one compiled
     graph (op by op, AdamW over gdn-0.4b's 517 M parameters took 27 ms on an H100). The optimizer's
@@ -270,8 +276,7 @@ def train(cfg: TrainConfig, progress=True):
         prepare(model, cfg)
         optimizer.init(model.trainable_parameters())  # the compiled update reads and writes the state
     order = np.random.default_rng(cfg.seed).permutation(len(rows))
-    value_and_grad = nn.value_and_grad(model, loss_fn)
-    compiled_step = compiled_value_and_grad(model)
+    value_and_grad, compiled_step = value_and_grad_step(model, False), value_and_grad_step(model, True)
     clip_and_update = compiled_update(model, optimizer, cfg.grad_clip)
 
     def loss_and_grads(inputs, targets, weights, docs):
@@ -279,7 +284,7 @@ def train(cfg: TrainConfig, progress=True):
         # layout) and without checkpointing, the memory-saving mode (compiled, gdn-0.4b at 8192
         # tokens on an H100 peaked at 22.8 GB against 20.7; unchecked, 166 ms a step against 210)
         if cfg.no_compile or cfg.grad_checkpoint or not mx.all(docs == docs[:, :1]).item():
-            return value_and_grad(model, inputs, targets, weights, docs)
+            return value_and_grad(inputs, targets, weights, docs)
         return compiled_step(inputs, targets, weights)
 
     def micro_batch(data, at, batch_order, share=True):

@@ -144,10 +144,16 @@ COMPILE_ON_CPU = False  # the tests set it: the compiled functions checked witho
 _compiled = {}
 
 
+def compiling():
+    """Whether functions run under mx.compile: on Metal/CUDA (MLX_GDN_COMPILE=0 turns it off), and on
+    the CPU where the tests set COMPILE_ON_CPU."""
+    return COMPILE and (kernels.backend() in ("metal", "cuda") or COMPILE_ON_CPU)
+
+
 def fused(fn):
     """fn under mx.compile on a GPU, where fusing its element-wise chains saves launches and memory
-    traffic (MLX_GDN_COMPILE=0 turns it off); as is on the CPU path."""
-    if not COMPILE or (kernels.backend() not in ("metal", "cuda") and not COMPILE_ON_CPU):
+    traffic; as is on the CPU path (see compiling())."""
+    if not compiling():
         return fn
     if fn not in _compiled:
         _compiled[fn] = mx.compile(fn)

@@ -208,8 +208,8 @@ def _compiled_chunked(opt, C):
     run = lambda h0, q, k, v, *rest: _chunked(opt, C, [(0, q.shape[1])] * q.shape[0], False, h0,
                                                q, k, v, *rest)
     which = kernels.backend()
-    # chunk.fused's rule, less the emulator: it runs each kernel at once, which tracing cannot do
-    if not chunk.COMPILE or not (which in ("metal", "cuda") or which == "ops" and chunk.COMPILE_ON_CPU):
+    # not on the emulator: it runs each kernel at once, which tracing cannot do
+    if not chunk.compiling() or which not in ("metal", "cuda", "ops"):
         return run
     key = (opt.key, C, which, _settings(kernels), _settings(chunk))
     if key not in _whole_op_fns:
