@@ -63,19 +63,40 @@ def inputs(B, T, H, D, seed=0):
     return q, k, v, g, beta
 
 
-def bench_ours(q, k, v, g, beta):
+def bench_ours(q, k, v, g, beta, **opts):
+    """(forward, forward+backward op by op, forward+backward compiled) ms; opts go to the op."""
     qm, km, vm, bm = (mx.array(x).astype(mx.bfloat16) for x in (q, k, v, beta))
     gm = mx.array(g)
-    fwd = lambda: gated_delta_rule(qm, km, vm, gm, bm, use_qk_l2norm_in_kernel=True, mode="chunk")[0]
+    op = lambda *xs: gated_delta_rule(*xs, use_qk_l2norm_in_kernel=True, mode="chunk", **opts)[0]
     w = mx.random.normal(vm.shape).astype(mx.bfloat16)
-    loss = lambda *xs: (gated_delta_rule(*xs, use_qk_l2norm_in_kernel=True, mode="chunk")[0] * w
-                        ).astype(mx.float32).sum()
+    loss = lambda *xs: (op(*xs) * w).astype(mx.float32).sum()
     grad = mx.grad(loss, argnums=[0, 1, 2, 3, 4])
     # compiled whole, as train.py's step runs the op (MLX compiles nothing inside mx.grad: op by
     # op, the op's element-wise chains do not fuse)
     compiled = mx.compile(grad)
-    return (time_mlx(fwd), time_mlx(lambda: grad(qm, km, vm, gm, bm)),
+    return (time_mlx(lambda: op(qm, km, vm, gm, bm)), time_mlx(lambda: grad(qm, km, vm, gm, bm)),
             time_mlx(lambda: compiled(qm, km, vm, gm, bm)))
+
+
+def peak_gb(fn):
+    """Peak memory (GB) of one evaluation of fn, caches freed first."""
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    mx.eval(fn())
+    return mx.get_peak_memory() / 1e9
+
+
+def kept_pieces_memory(q, k, v, g, beta):
+    """Peak GB of the compiled forward+backward without and with keep_chunk_pieces."""
+    qm, km, vm, bm = (mx.array(x).astype(mx.bfloat16) for x in (q, k, v, beta))
+    gm = mx.array(g)
+    peaks = {}
+    for keep in (False, True):
+        loss = lambda *xs: gated_delta_rule(*xs, use_qk_l2norm_in_kernel=True, mode="chunk",
+                                            keep_chunk_pieces=keep)[0].astype(mx.float32).sum()
+        step = mx.compile(mx.grad(loss, argnums=[0, 1, 2, 3, 4]))
+        peaks[f"ours{'_kept' if keep else ''}_fwdbwd_peak_gb"] = peak_gb(lambda: step(qm, km, vm, gm, bm))
+    return peaks
 
 
 def bench_builtin(q, k, v, g, beta, backward):
@@ -169,6 +190,8 @@ def main():
                         "fla's times move up to 3x between calls)")
     p.add_argument("--compare-mma", action="store_true",
                    help="also time ours with the 8x8-matrix scan (chunk_scan_mma.metal) in the same run")
+    p.add_argument("--compare-kept", action="store_true",
+                   help="also time ours with keep_chunk_pieces=True (and both variants' peak memory)")
     args = p.parse_args()
     if args.scan_config:
         kernels.SCAN_TILE, kernels.SCAN_THREADS = args.scan_config
@@ -195,6 +218,9 @@ def main():
                 kernel, kernels.SCAN_KERNEL = kernels.SCAN_KERNEL, "mma"
                 timed.update(zip(("ours_mma_fwd_ms", "ours_mma_fwdbwd_ms"), bench_ours(*data)))
                 kernels.SCAN_KERNEL = kernel
+            if args.compare_kept:
+                timed.update(zip(("ours_kept_fwd_ms", "ours_kept_fwdbwd_ms", "ours_kept_fwdbwd_compiled_ms"),
+                                 bench_ours(*data, keep_chunk_pieces=True)))
             if fla_ops is not None:
                 timed.update(zip(("fla_fwd_ms", "fla_fwdbwd_ms"), bench_fla(torch, fla_ops, *data)))
             for key, value in timed.items():
@@ -202,6 +228,8 @@ def main():
             print(json.dumps(timed), flush=True)
         row.update({key[:-len("_rounds")]: best(values) for key, values in list(row.items())
                     if key.endswith("_rounds")})
+        if args.compare_kept:
+            row.update(kept_pieces_memory(*data))
         if not args.skip_builtin:
             builtin = bench_builtin(*data, backward=not args.skip_builtin_bwd)
             row.update({f"builtin_{k}": val for k, val in builtin.items()})

@@ -23,7 +23,7 @@ from bench_gpu import random_model
 from mlx_gdn.convert import fla_config
 from mlx_gdn.generate import generate_tokens
 from mlx_gdn.models import ModelArgs, PRESETS
-from mlx_gdn.train import compiled_update, value_and_grad_step
+from mlx_gdn.train import compiled_update, set_keep_chunk_pieces, value_and_grad_step
 
 HBM_BYTES_S = 3.35e12  # H100 SXM
 
@@ -63,6 +63,7 @@ def bench_ours(name, args, ids):
     optimizer = optim.AdamW(1e-4)
     optimizer.init(model.trainable_parameters())
     update = compiled_update(model, optimizer, grad_clip=0.0)  # as train.py, without clipping (as fla's)
+    set_keep_chunk_pieces(model, args.keep_chunk_pieces)
     step = value_and_grad_step(model, not args.no_compile)  # compiled: as train.py for unpacked rows
 
     def train_step():
@@ -158,6 +159,8 @@ def main():
     p.add_argument("--rounds", type=int, default=1,
                    help="times ours and fla are measured in turn (fla's numbers moved 30-40%% between calls)")
     p.add_argument("--no-compile", action="store_true", help="our training step op by op")
+    p.add_argument("--keep-chunk-pieces", action="store_true",
+                   help="our training step as train.py --keep-chunk-pieces runs it")
     p.add_argument("--no-fla", action="store_true")
     p.add_argument("--fla-attention", choices=["flash-attn", "sdpa"], default="flash-attn",
                    help="sdpa: fla's attention layers on a PyTorch SDPA stand-in (no flash-attn needed)")

@@ -29,7 +29,7 @@ def shaped_inputs(B, T, H, K, V):
 def parts(B, T, H, K, V, C=64):
     q, k, v, g, beta = (mx.array(x) for x in shaped_inputs(B, T, H, K, V))
     q, k, v, beta = (x.astype(mx.bfloat16) for x in (q, k, v, beta))  # as bench_gpu passes them
-    opt = gated_delta._Options(K ** -0.5, True, False, False, False, False, False)
+    opt = gated_delta._Options(K ** -0.5, True, False, False, False, False, False, False)
     params = (mx.zeros((H,)), mx.zeros((H,)))
     prep = lambda: gated_delta._chunked_inputs(opt, C, None, gated_delta._prepare)(q, k, v, g, beta, *params)  # compiled
     out = {"prepare_ms": time_mlx(lambda: prep())}

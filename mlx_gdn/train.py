@@ -29,6 +29,7 @@ from tqdm import tqdm
 from .data import DataError, batch_at, data_files, load_packed
 from .loading import load_tokenizer, resolve
 from .lora import DEFAULT_KEYS, LoraConfig, apply_lora, fuse
+from .layers.gated_deltanet import GatedDeltaNet
 from .models import PRESETS, Model, ModelArgs, load_model, save_model
 
 
@@ -60,6 +61,9 @@ class TrainConfig:
     lora_keys: str = ",".join(DEFAULT_KEYS)
     fuse: bool = False  # LoRA: write the model with the adapters merged
     no_compile: bool = False  # every step op by op (see loss_and_grads in train())
+    # the Gated DeltaNet op keeps its per-chunk pieces for the backward: faster, more memory (H100 /
+    # gdn-0.4b at 8192 tokens: see benchmarks/RESULTS.md, twelfth session)
+    keep_chunk_pieces: bool = False
 
 
 # The loss runs over blocks of about this many logits, each block's logits made again in the
@@ -237,7 +241,15 @@ def prepare(model, cfg: TrainConfig):
         keys = tuple(k.strip() for k in cfg.lora_keys.split(",") if k.strip())
         apply_lora(model, LoraConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_layers, keys))
     model.model.grad_checkpoint = cfg.grad_checkpoint
+    set_keep_chunk_pieces(model, cfg.keep_chunk_pieces)
     return model
+
+
+def set_keep_chunk_pieces(model, keep):
+    """The op's keep_chunk_pieces for every Gated DeltaNet layer of the model."""
+    for layer in model.modules():
+        if isinstance(layer, GatedDeltaNet):
+            layer.keep_chunk_pieces = keep
 
 
 def train(cfg: TrainConfig, progress=True):

@@ -22,7 +22,7 @@ RUNS = {
     "bench_generate.py": ["--models", "tiny-gdn", "--dtype", "float32", "--prompt-tokens", "16",
                           "--new-tokens", "3"],
     "bench_model_gpu.py": ["--presets", "tiny-gdn", "--seq-len", "64", "--prompt", "8", "--new-tokens", "3",
-                           "--gen-batch", "2", "--no-fla", "--rounds", "2"],
+                           "--gen-batch", "2", "--no-fla", "--rounds", "2", "--keep-chunk-pieces"],
 }
 
 

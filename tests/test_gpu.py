@@ -109,9 +109,10 @@ def grads(data, dtype=mx.float32, **kw):
             for gr in mx.grad(loss, argnums=list(range(6)))(*[arrays[n] for n in NAMES])]
 
 
-def test_chunk_grads_with_kernels_match_ops_path():
+@pytest.mark.parametrize("keep", [False, True])
+def test_chunk_grads_with_kernels_match_ops_path(keep):
     data = make_inputs(2, 1, 400, 2, 4, 128, mask_p=0.3, h0=True)
-    got = grads(data, mode="chunk")
+    got = grads(data, mode="chunk", keep_chunk_pieces=keep)
     with kernels.use_factory("ops", None):
         ref = grads(data, mode="chunk")
     for n, a, b in zip(NAMES, ref, got):

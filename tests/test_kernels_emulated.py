@@ -158,11 +158,12 @@ def test_chunked_op_with_kernels_matches_oracle(emulated, B, T, H, HV, D, mask_p
     assert rms_rel(ro, np.array(o)) <= FP32_TOL and rms_rel(rs, np.array(s)) <= FP32_TOL
 
 
-@pytest.mark.parametrize("case", ["plain", "packed", "gates", "gates compiled"])
+@pytest.mark.parametrize("case", ["plain", "packed", "gates", "gates compiled", "kept pieces"])
 def test_chunked_grads_with_kernels_match_ops(emulated, monkeypatch, case):
     # GVA throughout; "packed": cu_seqlens and the in-kernel L2 norm; "gates": the layer's options
     # (gate from A_log and dt_bias, beta sigmoid, allow_neg_eigval), A_log and dt_bias differentiated;
-    # "compiled": the element-wise chains under mx.compile, as on a GPU
+    # "compiled": the element-wise chains under mx.compile, as on a GPU; "kept pieces":
+    # keep_chunk_pieces, so chunk_pieces runs in the forward only
     if case.endswith("compiled"):
         monkeypatch.setattr(chunk, "COMPILE_ON_CPU", True)
         monkeypatch.setattr(gated_delta, "_chunked_fns", {})
@@ -192,9 +193,15 @@ def test_chunked_grads_with_kernels_match_ops(emulated, monkeypatch, case):
             return (o * w).sum() + s.sum()
         return mx.grad(loss, argnums=list(range(len(names))))(*[mx.array(data[n]) for n in names])
 
+    if case == "kept pieces":
+        kw = dict(keep_chunk_pieces=True)
+    pieces_calls = []
+    pieces = kernels.chunk_pieces
+    monkeypatch.setattr(kernels, "chunk_pieces", lambda *xs: pieces_calls.append(1) or pieces(*xs))
     got = grads()
     with kernels.use_factory("ops", None):
         ref = grads()
+    assert len(pieces_calls) == (1 if case == "kept pieces" else 2)
     assert chunk._compiled or not case.endswith("compiled"), "nothing was compiled"
     for n, a, b in zip(names, ref, got):
         assert rms_rel(np.array(a), np.array(b)) <= FP32_TOL, n

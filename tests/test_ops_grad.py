@@ -143,6 +143,28 @@ def test_block_by_block_grads_match_recurrence(monkeypatch):
         assert rms_rel(ref[n], got[n]) <= 1e-5, n
 
 
+def test_kept_chunk_pieces_grads_match_recurrence(monkeypatch):
+    # keep_chunk_pieces: the backward takes the forward's pieces instead of forming them again. Over
+    # several blocks (forward 3 chunks, backward 2) and packed sequences; the inversions' chunks
+    # recorded: the forward's blocks only (the backward's have 2 chunks).
+    monkeypatch.setattr(chunk, "REFERENCE_TOKEN_FLOATS", 0)
+    monkeypatch.setattr(chunk, "BLOCK_TOKENS", 48)
+    monkeypatch.setattr(chunk, "BACKWARD_BLOCK_TOKENS", 32)
+    inversions = []
+    invert = chunk.invert_unit_lower
+    monkeypatch.setattr(chunk, "invert_unit_lower", lambda A: inversions.append(A.shape) or invert(A))
+    cu = [0, 15, 100, 101, 170]  # 1 + 6 + 1 + 5 chunks of 16
+    data = make_inputs(9, 1, 170, 2, 4, 32, mask_p=0.3, h0=True, n_states=4)
+    ref = mlx_grads(data, "recurrent", cu_seqlens=cu)
+    got = mlx_grads(data, "chunk", cu_seqlens=cu, chunk_size=16, keep_chunk_pieces=True)
+    assert sorted({shape[0] for shape in inversions}) == [1, 3]  # blocks of 3 chunks and the last
+    for n in NAMES:
+        assert rms_rel(ref[n], got[n]) <= 1e-5, n
+    inversions.clear()
+    mlx_grads(data, "chunk", cu_seqlens=cu, chunk_size=16, keep_chunk_pieces=False)
+    assert sorted({shape[0] for shape in inversions}) == [1, 2, 3]  # the backward forms them again
+
+
 def test_whole_op_compiled_matches_and_retraces_on_a_setting(monkeypatch):
     # on a GPU the chunked op (unpacked rows) runs under mx.compile: here on the CPU's ops path. Its
     # settings are read while tracing, so a changed one (the block size) must give a new trace.

@@ -113,6 +113,32 @@ def test_grad_checkpoint_gives_the_same_gradients():
             np.testing.assert_allclose(np.array(checked[name]), np.array(plain[name]), rtol=1e-5, atol=1e-7)
 
 
+def test_keep_chunk_pieces_reaches_every_gdn_layer(monkeypatch):
+    # train.py --keep-chunk-pieces: prepare() sets it on each Gated DeltaNet layer; the gradients are
+    # the same, and the backward forms no chunk pieces (counted by their inversions)
+    from mlx_gdn.layers.gated_deltanet import GatedDeltaNet
+    from mlx_gdn.ops import chunk
+    inversions = []
+    invert = chunk.invert_unit_lower
+    monkeypatch.setattr(chunk, "invert_unit_lower", lambda A: inversions.append(1) or invert(A))
+    mx.random.seed(3)
+    model = Model(ModelArgs(**PRESETS["tiny-h1"]))
+    ids = mx.array(np.random.default_rng(3).integers(0, 500, (2, 81)))
+    args = (ids[:, :-1], ids[:, 1:], mx.ones((2, 80)))
+    grads, counts = [], []
+    for keep in (False, True):
+        training.prepare(model, TrainConfig(model="-", data="-", out="-", keep_chunk_pieces=keep))
+        layers = [m for m in model.modules() if isinstance(m, GatedDeltaNet)]
+        assert layers and all(m.keep_chunk_pieces == keep for m in layers)
+        inversions.clear()
+        grads.append(dict(tree_flatten(nn.value_and_grad(model, loss_fn)(model, *args)[1])))
+        counts.append(len(inversions))
+    assert counts[0] == 2 * counts[1] > 0
+    for name, g in grads[0].items():
+        np.testing.assert_allclose(np.array(grads[1][name]), np.array(g), rtol=1e-6, atol=1e-9,
+                                   err_msg=name)
+
+
 H2 = dict(num_hidden_layers=3, layer_types=["mamba2", "gdn", "swa"], mamba_state_size=16, mamba_head_dim=16)
 
 

@@ -78,6 +78,7 @@ class GatedDeltaNet(nn.Module):
         value_dim = self.num_v_heads * self.head_v_dim
         self.use_gate, self.use_short_conv = use_gate, use_short_conv
         self.allow_neg_eigval, self.norm_eps = allow_neg_eigval, norm_eps
+        self.keep_chunk_pieces = False  # the op's memory-for-speed option (train.py sets it)
         self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, key_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, value_dim, bias=False)
@@ -122,7 +123,7 @@ class GatedDeltaNet(nn.Module):
             initial_state=None if cache is None else cache.state, output_final_state=cache is not None,
             use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=self.A_log,
             dt_bias=self.dt_bias, use_beta_sigmoid_in_kernel=True,
-            allow_neg_eigval=self.allow_neg_eigval, **packed)
+            allow_neg_eigval=self.allow_neg_eigval, keep_chunk_pieces=self.keep_chunk_pieces, **packed)
         o = o.reshape(B, T, self.num_v_heads, self.head_v_dim)
         if cache is not None:
             cache.state = state

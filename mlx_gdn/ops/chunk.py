@@ -193,11 +193,16 @@ class _ChunkPieces:
     are then only formed if the backward reads them (MLX evaluates lazily).
     """
 
-    def __init__(self, q, k, v, g, beta):
+    KEPT = ("KKG", "P", "Tinv", "W", "U")  # what the backward can take from the forward instead
+
+    def __init__(self, q, k, v, g, beta, kept=()):
         C = q.shape[-2]
         self.incl, self.strict = _masks(C)
         self.gamma, self.eg, self.tail, self.decay, self.Kt = fused(_gates)(g, k)
-        if kernels.backend() == "ops":
+        if kept:
+            self.KKG, self.P, self.Tinv, self.W, self.U = kept
+            self.Gam, self.A = fused(_gated_from_kernel)(self.gamma, self.KKG, beta, self.incl)
+        elif kernels.backend() == "ops":
             self.Gam, self.KKG, self.A, self.P = fused(_pieces_before_inverse)(
                 q, k, self.gamma, beta, self.incl, self.strict)
             self.Tinv = invert_unit_lower(self.A)
@@ -244,13 +249,14 @@ def _scan_backward(PdO, QdO, Kt, W, decay, dhT, segments):
     return mx.concatenate(du), mx.concatenate(dh_next), mx.concatenate(dh0)
 
 
-def _forward_block(q, k, v, g, beta, h0, segments):
-    """One block of chunks: (o, final states, per-chunk start states, new values u)."""
+def _forward_block(q, k, v, g, beta, h0, segments, keep=False):
+    """One block of chunks: (o, final states, per-chunk start states, new values u), then with
+    `keep` the pieces the backward would otherwise compute again (_ChunkPieces.KEPT)."""
     pc = _ChunkPieces(q, k, v, g, beta)
     scan = _scan_forward if kernels.backend() == "ops" else kernels.scan_forward
     states, u, hT = scan(pc.W, pc.U, pc.Kt, pc.decay, h0, segments)
     o = fused(_output)(q, pc.eg, states, pc.P, u)
-    return o, hT, states, u
+    return (o, hT, states, u) + (tuple(getattr(pc, name) for name in pc.KEPT) if keep else ())
 
 
 def _output(q, eg, states, P, u):
@@ -259,9 +265,10 @@ def _output(q, eg, states, P, u):
     return mx.addmm(P @ u, q * eg, states)
 
 
-def _backward_block(q, k, v, g, beta, do, dhT, states, u, segments):
-    """One block of chunks: gradients (dq, dk, dv, dg, dbeta, dh0) of _forward_block's (o, hT)."""
-    pc = _ChunkPieces(q, k, v, g, beta)
+def _backward_block(q, k, v, g, beta, do, dhT, states, u, segments, kept=()):
+    """One block of chunks: gradients (dq, dk, dv, dg, dbeta, dh0) of _forward_block's (o, hT);
+    `kept`, the pieces _forward_block kept, if it did."""
+    pc = _ChunkPieces(q, k, v, g, beta, kept)
     scan = _scan_backward if kernels.backend() == "ops" else kernels.scan_backward
     Qg, PdO, QdO = fused(_scan_backward_inputs)(q, pc.eg, pc.P, do)
     du, dh_next, dh0 = scan(PdO, QdO, pc.Kt, pc.W, pc.decay, dhT, segments)
@@ -377,8 +384,10 @@ def _one_array(arrays):
     return views
 
 
-def chunk_forward(q, k, v, g, beta, h0, segments):
-    """Block by block (the scan state carried across): (o, final states, per-chunk start states, u)."""
+def chunk_forward(q, k, v, g, beta, h0, segments, keep=False):
+    """Block by block (the scan state carried across): (o, final states, per-chunk start states, u,
+    kept), kept the chunk pieces for chunk_backward with `keep` (more memory, a faster backward),
+    else ()."""
     nb = h0.shape[0] // len(segments)
     HV, C, K = q.shape[1:]
     blocks = _blocks(q.shape[0] // nb, C, segments, _block_tokens(BLOCK_TOKENS, HV, C, K, v.shape[-1]))
@@ -388,23 +397,24 @@ def chunk_forward(q, k, v, g, beta, h0, segments):
         starts = mx.concatenate([h0[s * nb:(s + 1) * nb] if first else carry
                                  for s, _, _, first, _ in pieces])
         local = tuple((lo, hi) for _, lo, hi, _, _ in pieces)
-        o, ends, states, u = _over_head_groups(
-            lambda *xs: _forward_block(*xs, local),
+        o, ends, *for_backward = _over_head_groups(  # states, u (and the pieces with keep)
+            lambda *xs: _forward_block(*xs, local, keep),
             (q[rows], k[rows], v[rows], g[rows], beta[rows], starts))
         if len(blocks) > 1:
-            o, ends, states, u = _one_array((o, ends, states, u))
+            o, ends, *for_backward = _one_array((o, ends, *for_backward))
         for i, (s, _, _, _, last) in enumerate(pieces):
             if last:
                 finals[s] = ends[i * nb:(i + 1) * nb]
             else:
                 carry = ends[i * nb:(i + 1) * nb]
-        outs.append((o, states, u))
-    o, states, u = (mx.concatenate(x) for x in zip(*outs))
-    return o, mx.concatenate(finals), states, u
+        outs.append((o, *for_backward))
+    o, states, u, *kept = (mx.concatenate(x) for x in zip(*outs))
+    return o, mx.concatenate(finals), states, u, tuple(kept)
 
 
-def chunk_backward(q, k, v, g, beta, segments, do, dhT, states, u):
-    """Gradients (dq, dk, dv, dg, dbeta, dh0) of chunk_forward's (o, hT), blocks in reverse."""
+def chunk_backward(q, k, v, g, beta, segments, do, dhT, states, u, kept=()):
+    """Gradients (dq, dk, dv, dg, dbeta, dh0) of chunk_forward's (o, hT), blocks in reverse; `kept`,
+    the chunk pieces chunk_forward kept, if it did."""
     nb = dhT.shape[0] // len(segments)
     HV, C, K = q.shape[1:]
     blocks = _blocks(q.shape[0] // nb, C, segments,
@@ -416,8 +426,9 @@ def chunk_backward(q, k, v, g, beta, segments, do, dhT, states, u):
                                for s, _, _, _, last in pieces])
         local = tuple((lo, hi) for _, lo, hi, _, _ in pieces)
         *block_grads, dstarts = _over_head_groups(
-            lambda *xs: _backward_block(*xs, local),
-            (q[rows], k[rows], v[rows], g[rows], beta[rows], do[rows], ends, states[rows], u[rows]))
+            lambda *xs: _backward_block(*xs[:9], local, xs[9:]),
+            (q[rows], k[rows], v[rows], g[rows], beta[rows], do[rows], ends, states[rows], u[rows],
+             *(x[rows] for x in kept)))
         if len(blocks) > 1:
             *block_grads, dstarts = _one_array(tuple(block_grads) + (dstarts,))
         for i, (s, _, _, first, _) in enumerate(pieces):
