@@ -78,3 +78,12 @@ __device__ inline void simdgroup_multiply_accumulate(simdgroup_float8x8& d, cons
   d.c[0] = d0;
   d.c[1] = d1;
 }
+
+// d += a b and d2 += a2 b (Metal's prelude defines the same pair).
+__device__ inline void simdgroup_multiply_accumulate_pair(simdgroup_float8x8& d, simdgroup_float8x8& d2,
+                                                          const simdgroup_float8x8& a,
+                                                          const simdgroup_float8x8& a2,
+                                                          const simdgroup_float8x8& b) {
+  simdgroup_multiply_accumulate(d, a, b, d);
+  simdgroup_multiply_accumulate(d2, a2, b, d2);
+}

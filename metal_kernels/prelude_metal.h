@@ -11,7 +11,17 @@
 //   simdgroup_float8x8 with make_filled_simdgroup_matrix<float, 8, 8>(v),
 //   simdgroup_load(m, threadgroup pointer, row stride), simdgroup_store(m, pointer, row stride) and
 //   simdgroup_multiply_accumulate(d, a, b, c), called by all 32 lanes; a product may be accumulated
-//   into but is stored and loaded again before it is used as a factor.
-// Metal has all of these natively but make_float4; the SIMD-group matrix header needs including.
+//   into but is stored and loaded again before it is used as a factor;
+//   simdgroup_multiply_accumulate_pair(d, d2, a, a2, b): d += a b and d2 += a2 b (two 8x8 products
+//   with one right factor, which a prelude may run as one 16 x 8 x 8 product).
+// Metal has all of these natively but make_float4 and the pair; the SIMD-group matrix header needs
+// including.
 #include <metal_simdgroup_matrix>
 inline float4 make_float4(float x, float y, float z, float w) { return float4(x, y, z, w); }
+inline void simdgroup_multiply_accumulate_pair(thread simdgroup_float8x8& d, thread simdgroup_float8x8& d2,
+                                               const thread simdgroup_float8x8& a,
+                                               const thread simdgroup_float8x8& a2,
+                                               const thread simdgroup_float8x8& b) {
+  simdgroup_multiply_accumulate(d, a, b, d);
+  simdgroup_multiply_accumulate(d2, a2, b, d2);
+}

@@ -42,14 +42,17 @@ THREADGROUP_BYTES = {"metal": 32768, "cuda": 49152}  # Metal's limit; CUDA's for
 # SIMD-group 8x8 matrices). H100, scan alone at 8192 tokens, forward / reverse ms (RESULTS.md, sixth
 # session), simt 256 threads vs mma 512: (H, K, V) = (9, 128, 256) 1.70 / 1.79 vs 1.89-2.00 /
 # 2.29-2.48; (16, 128, 128) 1.20 / 1.30 vs 1.08-1.15 / 1.31-1.48; (9, 200, 400) 2.46 / 2.69 vs 3.8 /
-# 4.5 (the 8x8 scan's rows do not fit 48 KB there).
+# 4.5 (the 8x8 scan's rows do not fit 48 KB there). Twelfth session, forward + reverse at 512 threads,
+# (1, 8192, 16), (4, 4096, 16), (8, 2048, 32) with K = V = 128: simt 1.87 / 2.48 / 4.53 ms, mma (8x8
+# products in pairs) 2.26 / 4.20 / 8.15, and with a TF32 prelude still 2.00 / 3.76 / 7.26.
 SCAN_KERNEL = "simt"
 MMA_SCAN_THREADS = 512
 PADDED_STRIDES = {"cuda": True}  # threadgroup arrays padded against CUDA's shared-memory bank conflicts
 # CUDA: threadgroups an SM that a kernel's registers must leave room for (its __launch_bounds__).
 # mx.fast.cuda_kernel writes no attributes, so the header redefines __global__ for that kernel.
-# ptxas alone gives chunk_grads 128 registers (2 threadgroups of 256 an SM), the scans 87-105.
-CUDA_MIN_THREADGROUPS = {"chunk_grads": 3}
+# ptxas alone gives chunk_grads 128 registers (2 threadgroups of 256 an SM), the scans 87-105; the
+# 8x8 scan needs its 512 threads held to 128 registers (nvcc gives it 127-134), or it cannot launch.
+CUDA_MIN_THREADGROUPS = {"chunk_grads": 3, "chunk_scan_mma": 1}
 
 _override = None  # (backend name, factory) while use_factory is active
 _compiled = {}
@@ -163,16 +166,19 @@ def _mma_scan_config(K, C, threads, limit, padded):
     """chunk_scan_mma.metal's value columns, staged rows and template values (k splits, row strides):
     the widest tile, then the most rows a stage, that fit `limit` bytes. Padded strides put the lanes
     of a CUDA fragment load in distinct shared-memory banks."""
-    k8 = -(-K // 8) * 8
+    k16 = -(-K // 16) * 16  # the state's rows in pairs of 8-row blocks
     for tile in (SCAN_TILE, 8):
         hst = tile + (8 if tile % 32 in (0, 16) else 16) if padded else tile
         rows = C
-        while rows >= 8:
-            ast, bst = (k8 + 4, rows + 4) if padded else (k8, rows)
-            splits = max(1, threads // 32 // (rows // 8))  # of the k sum of A h: every SIMD group works
-            floats = max(rows * ast, k8 * bst) + (k8 + C + splits * rows) * hst
-            if 4 * floats <= limit:
-                return tile, rows, (("KS", splits), ("AST", ast), ("BST", bst), ("HST", hst))
+        while rows >= 16:
+            ast, bst = (k16 + 4, rows + 4) if padded else (k16, rows)
+            # the k sum of A h split so that every SIMD group works, or as far as memory allows
+            splits = max(1, threads // 32 // (rows // 16))
+            while splits >= 1:
+                floats = max(rows * ast, k16 * bst) + (k16 + C + splits * rows) * hst
+                if 4 * floats <= limit:
+                    return tile, rows, (("KS", splits), ("AST", ast), ("BST", bst), ("HST", hst))
+                splits //= 2
             rows //= 2
     raise ValueError(f"chunk_scan_mma: K = {K} does not fit {limit} bytes of threadgroup memory")
 

@@ -168,6 +168,14 @@ inline void simdgroup_multiply_accumulate(simdgroup_float8x8& d, const simdgroup
   d = r;
 }
 
+inline void simdgroup_multiply_accumulate_pair(simdgroup_float8x8& d, simdgroup_float8x8& d2,
+                                               const simdgroup_float8x8& a,
+                                               const simdgroup_float8x8& a2,
+                                               const simdgroup_float8x8& b) {
+  simdgroup_multiply_accumulate(d, a, b, d);
+  simdgroup_multiply_accumulate(d2, a2, b, d2);
+}
+
 // The per-thread built-ins, read from the current fiber.
 #define thread_position_in_threadgroup (emu::launch_state()->current->tid)
 #define threads_per_threadgroup (emu::launch_state()->tg_size)
