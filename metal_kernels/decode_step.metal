@@ -2,9 +2,11 @@
 // q/k L2 norm, gate from (A_log, dt_bias), beta sigmoid, delta update and read-out.
 //
 // Grid (32, V, B*HV), threadgroup (32, TG_V, 1): one SIMD group per (row, value column dv); each lane
-// holds state[k][dv] for k = lane + 32 j. Template: InT, K, V, HQ (q/k heads), HV, T (tokens),
-// L2NORM, GATE, HAS_DT_BIAS, BETA_SIGMOID, NEG_EIGVAL.
-// Inputs: q, k [B,T,HQ,K]; v [B,T,HV,V]; g, beta [B,T,HV]; A_log, dt_bias [HV]; scale [1];
+// holds state[k][dv] for k = lane + 32 j. Template: InT (q/k/v's type), GateT and BetaT (g's and
+// beta's: the signature types each buffer, and these put the types in the compiled kernel's name),
+// K, V, HQ (q/k heads), HV, T (tokens), L2NORM, GATE, HAS_DT_BIAS, BETA_SIGMOID, NEG_EIGVAL.
+// Inputs: q, k [B,T,HQ,K]; v [B,T,HV,V]; g [B,T,HV] GateT; beta [B,T,HV] BetaT; A_log, dt_bias [HV]
+// float32; scale [1];
 // state_in [B,HV,K,V] float32. Outputs: o [B,T,HV,V] InT; state_out [B,HV,K,V] float32.
 constexpr int NK = (K + 31) / 32;
 const uint lane = thread_position_in_threadgroup.x;

@@ -67,24 +67,13 @@ def _mm_nt(a, b):
     return a @ (mx.contiguous(_t(b)) if kernels.backend() == "ops" else _t(b))
 
 
-_mask_cache = {}
-
-
-def _constant(key, make):
-    """make(), evaluated once and cached: reshaping a pending array would stall the streams."""
-    if key not in _mask_cache:
-        _mask_cache[key] = make()
-        mx.eval(_mask_cache[key])
-    return _mask_cache[key]
-
-
 def _masks(C):
     """(i >= j, i > j) over a chunk, evaluated constants."""
     def make():
         i = mx.arange(C)
         return i[:, None] >= i[None, :], i[:, None] > i[None, :]
 
-    return _constant(C, make)
+    return kernels.constant(("masks", C), make)
 
 
 def _decay_matrix(gamma, incl):
@@ -112,7 +101,7 @@ def _decay_matrix(gamma, incl):
 
 def _block_diagonal(nb):
     """(I == J) as [nb, 1, nb, 1] over blocks I, J, an evaluated constant."""
-    return _constant(("block diagonal", nb), lambda: mx.eye(nb, dtype=mx.bool_).reshape(nb, 1, nb, 1))
+    return kernels.constant(("block diagonal", nb), lambda: mx.eye(nb, dtype=mx.bool_).reshape(nb, 1, nb, 1))
 
 
 def invert_unit_lower(A):

@@ -161,7 +161,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
         if state_v_first:
             h0 = mx.swapaxes(h0, -1, -2)
     # absent gate parameters travel as zeros so every path takes the same arguments
-    params = [mx.zeros((HV,)) if x is None else x.astype(mx.float32) for x in (A_log, dt_bias)]
+    params = [kernels.zeros(HV) if x is None else x.astype(mx.float32) for x in (A_log, dt_bias)]
 
     packed = cu_seqlens is not None
     if mode == "auto":

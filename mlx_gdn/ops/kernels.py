@@ -314,20 +314,45 @@ def chunks_to_rows(y, dst, B, heads, dtype, *, scale=1.0, x=None):
         output_shapes=[(B, T, heads, D)], output_dtypes=[dtype])[0]
 
 
+_constants = {}
+
+
+def constant(key, make):
+    """make(), evaluated once and cached under key: masks, and the decode step's small inputs, which
+    it would otherwise build and copy to the device at every call (on the CPU path, reshaping a
+    pending array would also stall the streams)."""
+    if key not in _constants:
+        _constants[key] = make()
+        mx.eval(_constants[key])
+    return _constants[key]
+
+
+def zeros(n):
+    """float32 zeros of length n (absent gate parameters)."""
+    return constant(("zeros", n), lambda: mx.zeros((n,)))
+
+
+def _scalar(value):
+    return constant(("scalar", float(value)), lambda: mx.array([value], dtype=mx.float32))
+
+
 def decode_step(q, k, v, g, beta, state, *, scale, A_log=None, dt_bias=None, l2norm=False,
                 gate=False, beta_sigmoid=False, neg_eigval=False):
     """The fused recurrent step: raw inputs in (q, k [B,T,H,K]; v [B,T,HV,V]; g, beta [B,T,HV];
     state [B,HV,K,V] float32), the in-kernel options applied inside. Returns (o in q's dtype, state)."""
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
-    A_log = mx.zeros((HV,)) if A_log is None else A_log.astype(mx.float32)
+    A_log = zeros(HV) if A_log is None else A_log.astype(mx.float32)
     has_bias = dt_bias is not None
-    dt_bias = dt_bias.astype(mx.float32) if has_bias else mx.zeros((HV,))
+    dt_bias = dt_bias.astype(mx.float32) if has_bias else zeros(HV)
     dtype = q.dtype
+    # g and beta go in as they are (the kernel reads each in its own type; GateT and BetaT name the
+    # types so that each pair compiles its own kernel): a decode step launches nothing but the kernel
     o, state_out = get_kernel("decode_step")(
-        inputs=[q, k.astype(dtype), v.astype(dtype), g.astype(mx.float32), beta.astype(mx.float32),
-                A_log, dt_bias, mx.array([scale], dtype=mx.float32), state.astype(mx.float32)],
-        template=[("InT", dtype), ("K", K), ("V", V), ("HQ", H), ("HV", HV), ("T", T),
+        inputs=[q, k.astype(dtype), v.astype(dtype), g, beta, A_log, dt_bias, _scalar(scale),
+                state.astype(mx.float32)],
+        template=[("InT", dtype), ("GateT", g.dtype), ("BetaT", beta.dtype), ("K", K), ("V", V),
+                  ("HQ", H), ("HV", HV), ("T", T),
                   ("L2NORM", l2norm), ("GATE", gate), ("HAS_DT_BIAS", has_bias),
                   ("BETA_SIGMOID", beta_sigmoid), ("NEG_EIGVAL", neg_eigval)],
         grid=(32, V, B * HV), threadgroup=(32, min(TG_COLUMNS, V), 1),
