@@ -4,8 +4,8 @@ steps of lr 3e-3 (the gradients are summed in another order, and Adam's normalis
 rounding in near-zero gradients)."""
 
 import json
-import random
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +20,25 @@ from mlx_gdn.models import load_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def free_ports(count):
+    """The first of `count` consecutive localhost ports that are free now (mlx.launch's ring backend
+    takes one a rank from --starting-port): a random pick could meet a port still in use."""
+    for start in range(20000, 40000, count):
+        sockets = []
+        try:
+            for port in range(start, start + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return start
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError("no free localhost ports for mlx.launch")
+
+
 @pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch is not installed")
 def test_two_ranks_match_one_process(tmp_path):
     text = "\n".join(f"rank {i % 2} sums gradient {i % 9} of step {i % 4}." for i in range(1200))
@@ -32,7 +51,7 @@ def test_two_ranks_match_one_process(tmp_path):
     one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr
-    port = str(random.randint(20000, 40000))
+    port = str(free_ports(2))
     two = subprocess.run(["mlx.launch", "--backend", "ring", "-n", "2", "--starting-port", port,
                           "--python", sys.executable, "--cwd", str(ROOT), *args, "--out", str(tmp_path / "two")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
