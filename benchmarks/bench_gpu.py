@@ -63,19 +63,24 @@ def inputs(B, T, H, D, seed=0):
     return q, k, v, g, beta
 
 
-def bench_ours(q, k, v, g, beta, **opts):
-    """(forward, forward+backward op by op, forward+backward compiled) ms; opts go to the op."""
+def ours(q, k, v, g, beta, weighted=True, **opts):
+    """Our op on bf16 inputs (opts go to it): (its arguments, forward, forward+backward op by op,
+    forward+backward compiled whole). The loss weights the output by random numbers, or sums it."""
     qm, km, vm, bm = (mx.array(x).astype(mx.bfloat16) for x in (q, k, v, beta))
-    gm = mx.array(g)
+    args = (qm, km, vm, mx.array(g), bm)
     op = lambda *xs: gated_delta_rule(*xs, use_qk_l2norm_in_kernel=True, mode="chunk", **opts)[0]
-    w = mx.random.normal(vm.shape).astype(mx.bfloat16)
+    w = mx.random.normal(vm.shape).astype(mx.bfloat16) if weighted else 1.0
     loss = lambda *xs: (op(*xs) * w).astype(mx.float32).sum()
     grad = mx.grad(loss, argnums=[0, 1, 2, 3, 4])
     # compiled whole, as train.py's step runs the op (MLX compiles nothing inside mx.grad: op by
     # op, the op's element-wise chains do not fuse)
-    compiled = mx.compile(grad)
-    return (time_mlx(lambda: op(qm, km, vm, gm, bm)), time_mlx(lambda: grad(qm, km, vm, gm, bm)),
-            time_mlx(lambda: compiled(qm, km, vm, gm, bm)))
+    return args, op, grad, mx.compile(grad)
+
+
+def bench_ours(q, k, v, g, beta, **opts):
+    """(forward, forward+backward op by op, forward+backward compiled) ms; opts go to the op."""
+    args, *fns = ours(q, k, v, g, beta, **opts)
+    return tuple(time_mlx(lambda: fn(*args)) for fn in fns)
 
 
 def peak_gb(fn):
@@ -88,14 +93,10 @@ def peak_gb(fn):
 
 def kept_pieces_memory(q, k, v, g, beta):
     """Peak GB of the compiled forward+backward without and with keep_chunk_pieces."""
-    qm, km, vm, bm = (mx.array(x).astype(mx.bfloat16) for x in (q, k, v, beta))
-    gm = mx.array(g)
     peaks = {}
     for keep in (False, True):
-        loss = lambda *xs: gated_delta_rule(*xs, use_qk_l2norm_in_kernel=True, mode="chunk",
-                                            keep_chunk_pieces=keep)[0].astype(mx.float32).sum()
-        step = mx.compile(mx.grad(loss, argnums=[0, 1, 2, 3, 4]))
-        peaks[f"ours{'_kept' if keep else ''}_fwdbwd_peak_gb"] = peak_gb(lambda: step(qm, km, vm, gm, bm))
+        args, _, _, compiled = ours(q, k, v, g, beta, weighted=False, keep_chunk_pieces=keep)
+        peaks[f"ours{'_kept' if keep else ''}_fwdbwd_peak_gb"] = peak_gb(lambda: compiled(*args))
     return peaks
 
 
