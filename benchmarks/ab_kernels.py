@@ -33,7 +33,8 @@ def inputs(kernel, B, T, H, K, V, C=64):
     r = lambda *s, scale=1.0: mx.random.normal(s) * scale
     if kernel in ("chunk_scan", "chunk_scan_mma"):
         xs = (r(M, H, C, K, scale=0.05), r(M, H, C, V), r(M, H, C, K, scale=0.05),
-              mx.full((M, H, 1, 1), 0.9), r(B, H, K, V), r(M, H, K, V, scale=0.01))
+              -mx.cumsum(mx.full((M, H, C, 1), 0.002), axis=-2), r(B, H, K, V),
+              r(M, H, K, V, scale=0.01))
     elif kernel == "chunk_pieces":
         xs = (r(M, H, C, K, scale=0.1), r(M, H, C, K, scale=0.1), r(M, H, C, V),
               -mx.cumsum(mx.random.uniform(shape=(M, H, C, 1)) * 0.1, axis=-2),
@@ -52,10 +53,10 @@ def inputs(kernel, B, T, H, K, V, C=64):
 def workload(kernel, xs, T, C=64):
     """The kernel's calls on xs: a function returning every output."""
     if kernel in ("chunk_scan", "chunk_scan_mma"):
-        W, U, Kt, decay, h0, QdO = xs
+        W, U, k, gamma, h0, QdO = xs
         segments = ((0, T // C),)
-        return lambda: (*kernels.scan_forward(W, U, Kt, decay, h0, segments),
-                        *kernels.scan_backward(U, QdO, Kt, W, decay, h0, segments))
+        return lambda: (*kernels.scan_forward(W, U, k, gamma, h0, segments),
+                        *kernels.scan_backward(U, QdO, k, W, gamma, h0, segments))
     if kernel == "chunk_pieces":
         return lambda: kernels.chunk_pieces(*xs)
     return lambda: kernels.chunk_grads(*xs)

@@ -8,7 +8,8 @@ SM has 65,536 registers and 228 KB of shared memory).
         BV=16 CB=32 KS=4 REVERSE=false HAS_Y=false AST=132 BST=36 HST=24
 
 The kernel's launch bounds are those kernels.CUDA_MIN_THREADGROUPS gives it (THREADS threads);
-MIN_THREADGROUPS=N sets them instead (0: none).
+MIN_THREADGROUPS=N sets them instead (0: none). Buffers are float (int for indices) unless typed as
+NAME:TYPE, e.g. k:__nv_bfloat16 (the type MLX passes a bfloat16 array as).
 """
 
 import subprocess
@@ -33,24 +34,27 @@ def _constant(name, value):
     return f"  using {name} = {value};"  # a type (decode_step's InT=float)
 
 
-def cuda_source(name, template):
-    template = dict(template)
+def cuda_source(name, template, types=()):
+    template, types = dict(template), dict(types)
     blocks = template.pop("MIN_THREADGROUPS", None)
     header = metal_kernels.prelude("cuda") + kernels.launch_bounds(
         name, template.get("THREADS"), None if blocks is None else int(blocks))
     inputs, outputs = kernels.SPECS[name]
     consts = "\n".join(_constant(k, v) for k, v in template.items())
-    args = ", ".join([f"const {'int' if n in INT_INPUTS else 'float'}* {n}" for n in inputs]
-                     + [f"float* {n}" for n in outputs])
-    return (f"{header}\n__global__ void {name}({args}) {{\n{consts}\n"
+    typed = lambda n: types.get(n, "int" if n in INT_INPUTS else "float")
+    args = ", ".join([f"const {typed(n)}* {n}" for n in inputs] + [f"{typed(n)}* {n}" for n in outputs])
+    return (f"#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n{header}\n"
+            f"__global__ void {name}({args}) {{\n{consts}\n"
             f"{metal_kernels.source(name)}\n}}\n")
 
 
 def main():
-    name, template = sys.argv[1], dict(a.split("=", 1) for a in sys.argv[2:])
+    name = sys.argv[1]
+    template = dict(a.split("=", 1) for a in sys.argv[2:] if "=" in a)
+    types = dict(a.split(":", 1) for a in sys.argv[2:] if "=" not in a)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / f"{name}.cu"
-        src.write_text(cuda_source(name, template))
+        src.write_text(cuda_source(name, template, types))
         proc = subprocess.run(["nvcc", "-arch=sm_90", "-O3", "--resource-usage", "-diag-suppress", "177",
                                "-c", str(src), "-o", str(Path(tmp) / "k.o")], capture_output=True, text=True)
     print("\n".join(line for line in (proc.stdout + proc.stderr).splitlines()

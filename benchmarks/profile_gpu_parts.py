@@ -42,22 +42,24 @@ def parts(B, T, H, K, V, C=64):
     # the same through the layout kernels (q, k, v) and compiled ops (g, beta), and its VJP
     src, dst = gated_delta._layout_maps([(0, T)] * B, T, C, False)
     gates = gated_delta._chunked_inputs(opt, C, None, gated_delta._prepare_gates)
-    layout = lambda q, k, v, g, beta: [kernels.rows_to_chunks(x, src, H, C, scale=s, l2norm=n) for x, s, n in
-                                       ((q, opt.scale, True), (k, 1.0, True), (v, 1.0, False))] + gates(g, beta, *params)
+    layout = lambda q, k, v, g, beta: [kernels.rows_to_chunks(x, src, H, C, scale=s, l2norm=n, dtype=d) for x, s, n, d in
+                                       ((q, opt.scale, True, mx.float32), (k, 1.0, True, mx.float32),
+                                        (v, 1.0, False, v.dtype))] + gates(g, beta, *params)
     out["prepare_layout_kernels_ms"] = time_mlx(lambda: layout(q, k, v, g, beta))
     out["prepare_layout_kernels_vjp_ms"] = time_mlx(lambda: [  # as the op's backward does it
         kernels.chunks_to_rows(cots[0], dst, B, H, q.dtype, scale=opt.scale, x=q),
         kernels.chunks_to_rows(cots[1], dst, B, H, k.dtype, x=k), kernels.chunks_to_rows(cots[2], dst, B, H, v.dtype),
         *mx.vjp(gates, [g, beta, *params], cots[3:])[1]])
     cq, ck, cv, cg, cb = prep()
+    cv = cv.astype(v.dtype)  # as the op's layout leaves v
     mx.eval(cq, ck, cv, cg, cb)
     pieces = lambda: chunk._ChunkPieces(cq, ck, cv, cg, cb)
-    fields = lambda pc: [pc.W, pc.U, pc.Kt, pc.P, pc.decay, pc.eg]
+    fields = lambda pc: [pc.W, pc.U, pc.P, pc.decay, pc.eg, getattr(pc, "Kt", pc.gamma)]
     out["pieces_ms"] = time_mlx(lambda: fields(pieces()))  # element-wise chains compiled (chunk.fused)
     with kernels.use_factory("ops", None):  # MLX ops only (the inverse too), not compiled
         out["pieces_ops_ms"] = time_mlx(lambda: fields(pieces()))
     pc = pieces()
-    mx.eval(pc.W, pc.U, pc.Kt, pc.P, pc.decay, pc.eg)
+    mx.eval(fields(pc))
     h0 = mx.zeros((B, H, K, V))
     QdO = mx.zeros((pc.W.shape[0], H, K, V))
     seg = ((0, T // C),)
@@ -69,15 +71,15 @@ def parts(B, T, H, K, V, C=64):
         kernels.SCAN_THREADS = kernels.MMA_SCAN_THREADS = threads
         name = f"{kernel}_{tile}x{threads}"
         out[f"scan_fwd_{name}_ms"] = guarded(lambda: time_mlx(
-            lambda: kernels.scan_forward(pc.W, pc.U, pc.Kt, pc.decay, h0, seg)))
+            lambda: kernels.scan_forward(pc.W, pc.U, ck, pc.gamma, h0, seg)))
         out[f"scan_bwd_{name}_ms"] = guarded(lambda: time_mlx(lambda: kernels.scan_backward(
-            pc.U, QdO, pc.Kt, pc.W, pc.decay, h0, seg)))
+            pc.U, QdO, ck, pc.W, pc.gamma, h0, seg)))
         if isinstance(out[f"scan_fwd_{name}_ms"], float) and isinstance(out[f"scan_bwd_{name}_ms"], float):
             both[name] = out[f"scan_fwd_{name}_ms"] + out[f"scan_bwd_{name}_ms"]
     out["best_scan"] = min(both, key=both.get) if both else None
     kernels.SCAN_KERNEL, kernels.SCAN_TILE, kernels.SCAN_THREADS, kernels.MMA_SCAN_THREADS = default
     kernels.SCAN_RESIDENT = resident
-    states, u, _ = kernels.scan_forward(pc.W, pc.U, pc.Kt, pc.decay, h0, seg)
+    states, u, _ = kernels.scan_forward(pc.W, pc.U, ck, pc.gamma, h0, seg)
     mx.eval(states, u)
     out["output_ms"] = time_mlx(lambda: chunk.fused(chunk._output)(cq, pc.eg, states, pc.P, u))
     addmm = lambda q, eg, states, P, u: mx.addmm(P @ u, q * eg, states)  # the sum in the GEMM
@@ -85,15 +87,16 @@ def parts(B, T, H, K, V, C=64):
     seqs = [(0, T)] * B
     out["output_layout_ops_ms"] = time_mlx(lambda: gated_delta._from_chunks(u, seqs, T, B, False).astype(q.dtype))
     out["output_layout_kernel_ms"] = time_mlx(lambda: kernels.chunks_to_rows(u, dst, B, H, q.dtype))
-    out["pieces_kernel_ms"] = time_mlx(lambda: kernels.chunk_pieces(cq, ck, cv, mx.cumsum(cg, axis=-2), cb))
+    out["pieces_kernel_ms"] = time_mlx(lambda: kernels.chunk_pieces(cq, ck, cv, pc.gamma, cb))
+    out["pieces_kernel_forward_ms"] = time_mlx(lambda: kernels.chunk_pieces(cq, ck, cv, pc.gamma, cb, False))
     # the backward's parts (pieces recomputed as above, then these)
     do = mx.random.normal(u.shape)
     Qg, PdO, QdO = chunk.fused(chunk._scan_backward_inputs)(cq, pc.eg, pc.P, do)
     out["bwd_scan_inputs_ms"] = time_mlx(lambda: chunk.fused(chunk._scan_backward_inputs)(cq, pc.eg, pc.P, do))
-    out["bwd_scan_ms"] = time_mlx(lambda: kernels.scan_backward(PdO, QdO, pc.Kt, pc.W, pc.decay, h0, seg))
-    du, dh_next, _ = kernels.scan_backward(PdO, QdO, pc.Kt, pc.W, pc.decay, h0, seg)
+    out["bwd_scan_ms"] = time_mlx(lambda: kernels.scan_backward(PdO, QdO, ck, pc.W, pc.gamma, h0, seg))
+    du, dh_next, _ = kernels.scan_backward(PdO, QdO, ck, pc.W, pc.gamma, h0, seg)
     args = (cq, ck, cv, cb, do, states, u, du, dh_next, Qg, pc.incl, pc.strict, pc.Gam, pc.eg, pc.tail,
-            pc.decay, pc.KKG, pc.A, pc.P, pc.Tinv, pc.W, pc.U, pc.Kt)
+            pc.decay, pc.KKG, pc.A, pc.P, pc.Tinv, pc.W, pc.U, ck * pc.tail)
     mx.eval(args)
     out["bwd_after_scan_ms"] = time_mlx(lambda: chunk.fused(chunk._backward_after_scan)(*args))
     out["bwd_after_scan_uncompiled_ms"] = time_mlx(lambda: chunk._backward_after_scan(*args))

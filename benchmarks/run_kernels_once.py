@@ -37,11 +37,11 @@ def main():
         kernels.SCAN_TILE = int(sys.argv[7])
         kernels.SCAN_RESIDENT = {}  # this tile whatever the grid
     N = T // 64
-    W, U, Kt, decay, h0, QdO = inputs("chunk_scan", B, T, H, K, V)
-    q, k, v, gamma, beta = inputs("chunk_pieces", B, T, H, K, V)
-    timed("chunk_pieces", lambda: kernels.chunk_pieces(q, k, v, gamma, beta))
-    timed("scan_forward", lambda: kernels.scan_forward(W, U, Kt, decay, h0, ((0, N),)))
-    timed("scan_backward", lambda: kernels.scan_backward(U, QdO, Kt, W, decay, h0, ((0, N),)))
+    W, U, k, gamma, h0, QdO = inputs("chunk_scan", B, T, H, K, V)
+    q, k_, v, gamma_, beta = inputs("chunk_pieces", B, T, H, K, V)
+    timed("chunk_pieces", lambda: kernels.chunk_pieces(q, k_, v, gamma_, beta))
+    timed("scan_forward", lambda: kernels.scan_forward(W, U, k, gamma, h0, ((0, N),)))
+    timed("scan_backward", lambda: kernels.scan_backward(U, QdO, k, W, gamma, h0, ((0, N),)))
     print("backend", kernels.backend(), "scan", kernels.SCAN_KERNEL)
 
 

@@ -23,7 +23,8 @@
 // x dimension, as CUDA allows up to 2^31 - 1 blocks there and 65535 in y).
 // Template: K, V, C (a multiple of 8), THREADS (a multiple of 32), KC (a multiple of 4), CS (row
 // stride of x_s and y_s as C x C arrays, >= C), TS (row stride of phase A's staged blocks, >= C).
-// Inputs: q, k, dQg, du_h, dKt, W [M,C,K]; v, dout, u, du, U [M,C,V]; T, KKG, P [M,C,C];
+// Inputs: q, k, dQg, du_h, dKt, W [M,C,K]; v, dout, u, du, U [M,C,V] (q, k, v in any float type,
+// the rest float32); T, KKG, P [M,C,C];
 // gamma, beta [M,C]; dchunk [M] (the cotangent of the chunk's decay times it: decay sum(h * dh')).
 // Outputs: dq, dk [M,C,K]; dv [M,C,V]; dg, dbeta [M,C].
 constexpr int NT = C / 4;                     // 4-row groups of a chunk
@@ -135,8 +136,8 @@ for (int c0 = 0; c0 < K; c0 += HW) {
   for (int e = (int)tid; e < C * HW; e += THREADS) {
     const int c = e / HW, j = e % HW;
     const bool inside = c0 + j < K;
-    y_s[e] = inside ? q[(g0 + c) * K + c0 + j] : 0.0f;
-    y_s[C * HW + e] = inside ? k[(g0 + c) * K + c0 + j] : 0.0f;
+    y_s[e] = inside ? static_cast<float>(q[(g0 + c) * K + c0 + j]) : 0.0f;
+    y_s[C * HW + e] = inside ? static_cast<float>(k[(g0 + c) * K + c0 + j]) : 0.0f;
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
   for (int i = 0; i < OPT2; ++i) {
@@ -339,13 +340,13 @@ for (int blk = 0; blk < NVB + NKB; ++blk) {
           if (col < width) {
             if (is_v) {
               dv[row * V + col] = bi * acc[a][b];
-              part[i][0][a] += acc[a][b] * v[row * V + col];
+              part[i][0][a] += acc[a][b] * static_cast<float>(v[row * V + col]);
             } else {
               const uint at = row * K + col;
-              const float kv = k[at], dkt = dKt[at];
+              const float kv = static_cast<float>(k[at]), dkt = dKt[at];
               dk[at] += acc[a][b] * beg + dkt * tail;
               part[i][1][a] += acc[a][b] * kv;
-              part[i][2][a] += dQg[at] * q[at];
+              part[i][2][a] += dQg[at] * static_cast<float>(q[at]);
               part[i][3][a] += dkt * kv;
             }
           }
@@ -419,7 +420,7 @@ for (int c0 = 0; c0 < K; c0 += C) {
   threadgroup_barrier(mem_flags::mem_threadgroup);
   for (int e = (int)tid; e < C * C; e += THREADS) {
     const int c = e / C, j = e % C;
-    y_s[c * CS + j] = c0 + j < K ? k[(g0 + c) * K + c0 + j] : 0.0f;
+    y_s[c * CS + j] = c0 + j < K ? static_cast<float>(k[(g0 + c) * K + c0 + j]) : 0.0f;
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
   for (int i = 0; i < OPT; ++i) {

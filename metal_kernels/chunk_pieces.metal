@@ -13,10 +13,11 @@
 //    blocks only) on 4 x 4 register tiles, written out.
 // Grid (THREADS * M, 1, 1), threadgroup (THREADS, 1, 1), THREADS >= C: threadgroup m is chunk m (the
 // x dimension, as CUDA allows up to 2^31 - 1 blocks there and 65535 in y).
-// Template: K, V, C (a multiple of 8), THREADS (a multiple of 32), KC (a multiple of 8), and the row
+// Template: K, V, C (a multiple of 8), THREADS (a multiple of 32), KC (a multiple of 8), the row
 // strides of the threadgroup arrays (padded on CUDA against bank conflicts): CS (C x C, >= C), TS
-// (staged q^T and k^T, >= C).
-// Inputs: q, k [M,C,K]; v [M,C,V]; gamma, beta [M,C] float32.
+// (staged q^T and k^T, >= C), and ALL_PIECES: KKG and T are written only with it (the forward needs
+// P, W and U; the backward all five).
+// Inputs: q, k [M,C,K]; v [M,C,V] (any float type); gamma, beta [M,C] float32.
 // Outputs: KKG, P, T [M,C,C]; W [M,C,K]; U [M,C,V].
 constexpr int SG = THREADS / 32;
 constexpr int NB = C / 8;                     // 8-row blocks of a chunk
@@ -59,8 +60,8 @@ for (int kc = 0; kc < K; kc += KC) {
   for (int e = (int)tid; e < C * KC; e += THREADS) {
     const int c = e / KC, j = e % KC;
     const bool inside = kc + j < K;
-    x_s[QT + j * TS + c] = inside ? q[(g0 + c) * K + kc + j] : 0.0f;
-    x_s[KT + j * TS + c] = inside ? k[(g0 + c) * K + kc + j] : 0.0f;
+    x_s[QT + j * TS + c] = inside ? static_cast<float>(q[(g0 + c) * K + kc + j]) : 0.0f;
+    x_s[KT + j * TS + c] = inside ? static_cast<float>(k[(g0 + c) * K + kc + j]) : 0.0f;
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
   for (int i = 0; i < IPT; ++i) {
@@ -102,7 +103,9 @@ for (int e = (int)tid; e < C * C; e += THREADS) {
   const int i = e / C, j = e % C;
   const float decay = i >= j ? exp(gamma[g0 + i] - gamma[g0 + j]) : 0.0f;
   const float kk = i > j ? y_s[i * CS + j] * decay : 0.0f;
-  KKG[m * C * C + e] = kk;
+  if (ALL_PIECES) {
+    KKG[m * C * C + e] = kk;
+  }
   P[m * C * C + e] = i >= j ? x_s[i * CS + j] * decay : 0.0f;
   y_s[i * CS + j] = -beta[g0 + i] * kk;
 }
@@ -150,7 +153,7 @@ for (int bi = 1; bi < NB; ++bi) {
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 }
-for (int e = (int)tid; e < C * C; e += THREADS) {
+for (int e = (int)tid; e < (ALL_PIECES ? C * C : 0); e += THREADS) {
   const int i = e / C, j = e % C;
   T[m * C * C + e] = i / 8 >= j / 8 ? x_s[i * CS + j] : 0.0f;
 }
@@ -166,7 +169,8 @@ for (int blk = 0; blk < NKB + NVB; ++blk) {
     float x = 0.0f;
     if (c0 + j < width) {
       const float b = beta[g0 + c];
-      x = is_w ? k[(g0 + c) * K + c0 + j] * (b * exp(gamma[g0 + c])) : v[(g0 + c) * V + c0 + j] * b;
+      x = is_w ? static_cast<float>(k[(g0 + c) * K + c0 + j]) * (b * exp(gamma[g0 + c]))
+               : static_cast<float>(v[(g0 + c) * V + c0 + j]) * b;
     }
     y_s[c * CS + j] = x;
   }

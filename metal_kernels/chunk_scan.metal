@@ -1,7 +1,10 @@
 // Chunk scan: the sequential part of the chunked gated delta rule, forward or (REVERSE) backward.
 //   forward:  u_n = X_n - A_n h_n;   h_{n+1} = decay_n h_n + B_n^T u_n         (A = W, B = Kt, X = U)
 //   backward: du_n = X_n + A_n dh;   dh_n = decay_n dh + Y_n - B_n^T du_n   (A = Kt, B = W, X = PdO, Y = QdO)
-// i.e. x = X + s A h and h' = decay h + Y - s B^T x with s = -1 forward, +1 backward; the scan runs
+// i.e. x = X + s A h and h' = decay h + Y - s B^T x with s = -1 forward, +1 backward. The kernel
+// reads k, not Kt = diag(tail) k (tail_c = e^{gamma_C - gamma_c}, decay = e^{gamma_C}, from gamma):
+// forward it scales the rows of x instead (B^T diag(tail) x), backward the rows of A h. A pass over
+// k (writing Kt for the scan to read) is saved, and k may stay in its input type. The scan runs
 // over chunks in order (REVERSE: from the last), restarting from h_in where seg_start[n] >= 0 and
 // writing h_out where seg_end[n] >= 0 (flags already in scan order).
 //
@@ -17,7 +20,8 @@
 // (short dependent chains) and the partial sums meet in threadgroup memory.
 // Template: K, V, C, THREADS, BV (a multiple of 4 dividing 4 * THREADS), CB (rows per
 // stage, a multiple of 4 dividing C), REVERSE, HAS_Y.
-// Inputs: A, Bm [N,R,C,K]; X [N,R,C,V]; Y [N,R,K,V] (read only if HAS_Y); decay [N,R];
+// Inputs: A, Bm [N,R,C,K] (k: Bm forward, A backward, in any float type); X [N,R,C,V]; Y [N,R,K,V]
+// (read only if HAS_Y); gamma [N,R,C] (the within-chunk cumsum of g);
 // h_in [S*R,K,V]; seg_start, seg_end [N] int32; dims [2] int32: N (chunks) and R (rows, batch x
 // value heads), read at run time so that a new sequence length needs no new kernel.
 // Outputs: states [N,R,K,V] (the state entering chunk n, in scan order); x_new [N,R,C,V];
@@ -55,6 +59,7 @@ const int slot = (int)(tid / VG);
 float h[KGPT][4][4];  // update: rows 4 (slot + SLOTS i) + a, columns v0 + j
 float staged[SPT][4];  // the next stage's items of A or B
 float xs[XPT][4];      // the next stage's items of X
+float tails[XPT];      // and the tails of their rows
 const int total = N * 2 * STAGES;
 // stage it of the scan: chunk step it / (2 STAGES); its first STAGES stages multiply by A, the
 // others update with B. it = -1 only fetches the first stage.
@@ -64,6 +69,7 @@ for (int it = -1; it < total; ++it) {
   const int n = REVERSE ? N - 1 - step : step;
   const uint nr = n * R + r;
   float x_cur[XPT][4];
+  float tail_cur[XPT];
   if (it >= 0) {
     if (s == 0) {
       if (seg_start[n] >= 0) {
@@ -93,7 +99,7 @@ for (int it = -1; it < total; ++it) {
       }
     }
     if (s == STAGES) {  // every product with h is done: h = decay h + Y (this thread's rows)
-      const float d = decay[nr];
+      const float d = exp(gamma[nr * C + C - 1]);
       for (int i = 0; i < KGPT; ++i) {
         for (int a = 0; a < 4; ++a) {
           const int k = 4 * (slot + SLOTS * i) + a;
@@ -119,6 +125,7 @@ for (int it = -1; it < total; ++it) {
       for (int j = 0; j < 4; ++j) {
         x_cur[p][j] = xs[p][j];
       }
+      tail_cur[p] = tails[p];
     }
   }
   {  // fetch the next stage: A as (k, row group) items, consecutive lanes at consecutive k
@@ -134,12 +141,14 @@ for (int it = -1; it < total; ++it) {
           const int e = (int)tid + THREADS * p;
           const int k = e % K, rg = e / K;
           for (int a = 0; a < 4; ++a) {
-            staged[p][a] = e < K * RG ? A[base + (4 * rg + a) * K + k] : 0.0f;
+            staged[p][a] = e < K * RG ? static_cast<float>(A[base + (4 * rg + a) * K + k]) : 0.0f;
           }
         }
+        const uint g_at = (uint)(n2 * R + r) * C;
         for (int p = 0; p < XPT; ++p) {
           const int e = (int)tid + THREADS * p;
           const int c = c2 + e / VG, g = e % VG;
+          tails[p] = e < CB * VG ? exp(gamma[g_at + C - 1] - gamma[g_at + c]) : 0.0f;
           for (int j = 0; j < 4; ++j) {
             const int v = vt + 4 * g + j;
             xs[p][j] = e < CB * VG && v < V ? X[((uint)(n2 * R + r) * C + c) * V + v] : 0.0f;
@@ -150,7 +159,7 @@ for (int it = -1; it < total; ++it) {
           const int e = (int)tid + THREADS * p;
           const int cc = e / KG, kg = e % KG;
           for (int a = 0; a < 4; ++a) {
-            staged[p][a] = e < CB * KG && 4 * kg + a < K ? Bm[base + cc * K + 4 * kg + a] : 0.0f;
+            staged[p][a] = e < CB * KG && 4 * kg + a < K ? static_cast<float>(Bm[base + cc * K + 4 * kg + a]) : 0.0f;
           }
         }
       }
@@ -207,13 +216,16 @@ for (int it = -1; it < total; ++it) {
           sum[2] += t.z;
           sum[3] += t.w;
         }
+        // k's rows as Kt's: backward A h's rows, forward x's rows as B^T multiplies them
+        const float tail = tail_cur[p];
         float x[4];
         for (int j = 0; j < 4; ++j) {
           const int v = vt + 4 * g + j;
-          x[j] = v < V ? x_cur[p][j] + SIGN * sum[j] : 0.0f;
+          x[j] = v < V ? x_cur[p][j] + SIGN * (REVERSE ? tail * sum[j] : sum[j]) : 0.0f;
           if (v < V) {
             x_new[(nr * C + c) * V + v] = x[j];
           }
+          x[j] = REVERSE ? x[j] : tail * x[j];
         }
         const float4 t = make_float4(x[0], x[1], x[2], x[3]);
         x_s[c * VG + g] = t;

@@ -2,7 +2,9 @@
 // or (REVERSE) backward.
 //   forward:  u_n = X_n - A_n h_n;   h_{n+1} = decay_n h_n + B_n^T u_n         (A = W, B = Kt, X = U)
 //   backward: du_n = X_n + A_n dh;   dh_n = decay_n dh + Y_n - B_n^T du_n   (A = Kt, B = W, X = PdO, Y = QdO)
-// i.e. x = X + s A h and h' = decay h + Y - s B^T x with s = -1 forward, +1 backward; the scan runs
+// i.e. x = X + s A h and h' = decay h + Y - s B^T x with s = -1 forward, +1 backward. As in
+// chunk_scan.metal the kernel reads k, not Kt, and scales the rows of x (forward) or of A h
+// (backward) by tail_c = e^{gamma_C - gamma_c} (decay = e^{gamma_C}). The scan runs
 // over chunks in order (REVERSE: from the last), restarting from h_in where seg_start[n] >= 0 and
 // writing h_out where seg_end[n] >= 0 (flags already in scan order).
 //
@@ -24,7 +26,8 @@
 // stage, a multiple of 16 dividing C), KS (ways the k sum of A h is split), REVERSE, HAS_Y, and the
 // row strides of the threadgroup arrays (padded on CUDA against bank conflicts): AST (staged A, >= K
 // rounded up to 16), BST (staged B^T, >= CB), HST (h_s, x_s, p_s, >= BV).
-// Inputs: A, Bm [N,R,C,K]; X [N,R,C,V]; Y [N,R,K,V] (read only if HAS_Y); decay [N,R];
+// Inputs: A, Bm [N,R,C,K] (k: Bm forward, A backward, in any float type); X [N,R,C,V]; Y [N,R,K,V]
+// (read only if HAS_Y); gamma [N,R,C] (the within-chunk cumsum of g);
 // h_in [S*R,K,V]; seg_start, seg_end [N] int32; dims [2] int32: N (chunks) and R (rows, batch x
 // value heads), read at run time so that a new sequence length needs no new kernel.
 // Outputs: states [N,R,K,V] (the state entering chunk n, in scan order); x_new [N,R,C,V];
@@ -57,6 +60,7 @@ for (int e = (int)tid; e < KB * 8 * HST; e += THREADS) {
 threadgroup_barrier(mem_flags::mem_threadgroup);
 float staged[LPT];  // the next stage's elements of A or B (zero in the padding from K up)
 float xs[XPT], xs_next[XPT];
+float tails[XPT], tails_next[XPT];  // the tails of the X elements' rows
 simdgroup_float8x8 acc[TPS], acc2[TPS];  // a tile pair's upper and lower 8 rows
 const int total = N * 2 * STAGES;
 // it = -1 only fetches the first stage; stage s of chunk step: s < STAGES stages A, else B
@@ -102,6 +106,7 @@ for (int it = -1; it < total; ++it) {
     }
     for (int p = 0; p < XPT; ++p) {
       xs[p] = xs_next[p];
+      tails[p] = tails_next[p];
     }
   }
   {  // fetch the next stage (and its X)
@@ -115,21 +120,23 @@ for (int it = -1; it < total; ++it) {
         for (int p = 0; p < LPT; ++p) {
           const int e = (int)tid + THREADS * p;
           const int c = e / (KB * 8), k = e % (KB * 8);
-          staged[p] = e < CB * KB * 8 && k < K ? A[base + c * K + k] : 0.0f;
+          staged[p] = e < CB * KB * 8 && k < K ? static_cast<float>(A[base + c * K + k]) : 0.0f;
         }
       } else {
         for (int p = 0; p < LPT; ++p) {
           const int e = (int)tid + THREADS * p;
           const int blk = e / 32, w = e % 32;
           const int c = blk / KB * 4 + w / 8, k = blk % KB * 8 + w % 8;
-          staged[p] = e < CB * KB * 8 && k < K ? Bm[base + c * K + k] : 0.0f;
+          staged[p] = e < CB * KB * 8 && k < K ? static_cast<float>(Bm[base + c * K + k]) : 0.0f;
         }
       }
       if (s2 < STAGES) {
+        const uint g_at = (uint)(n2 * R + r) * C;
         for (int p = 0; p < XPT; ++p) {
           const int e = (int)tid + THREADS * p;
           const int v = vt + e % BV;
           xs_next[p] = e < CB * BV && v < V ? X[((uint)(n2 * R + r) * C + c0 + e / BV) * V + v] : 0.0f;
+          tails_next[p] = e < CB * BV ? exp(gamma[g_at + C - 1] - gamma[g_at + c0 + e / BV]) : 0.0f;
         }
       }
     }
@@ -175,15 +182,16 @@ for (int it = -1; it < total; ++it) {
         for (int split = 0; split < KS; ++split) {
           sum += p_s[(split * CB + e / BV) * HST + j];
         }
-        const float x = vt + j < V ? xs[p] + SIGN * sum : 0.0f;
-        x_s[c * HST + j] = -SIGN * x;
+        // k's rows as Kt's: backward A h's rows, forward x's rows as B^T multiplies them
+        const float x = vt + j < V ? xs[p] + SIGN * (REVERSE ? tails[p] * sum : sum) : 0.0f;
+        x_s[c * HST + j] = -SIGN * (REVERSE ? x : tails[p] * x);
         if (vt + j < V) {
           x_new[(nr * C + c) * V + vt + j] = x;
         }
       }
     }
     if (s == STAGES - 1) {  // every product with h is done: h = decay h + Y
-      const float d = decay[nr];
+      const float d = exp(gamma[nr * C + C - 1]);
       for (int p = 0; p < HPT; ++p) {
         const int e = (int)tid + THREADS * p;
         const int k = e / BV, v = vt + e % BV;

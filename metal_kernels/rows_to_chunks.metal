@@ -1,15 +1,16 @@
-// Token rows to the chunk-major float32 layout of chunk.py, optionally L2-normalised and scaled:
+// Token rows to the chunk-major layout of chunk.py, optionally L2-normalised and scaled:
 // y[(n * B + b), hv, c, :] = x[b, src[n * C + c], hv / (HV / HX), :] * mul, zeros where src is -1
 // (the padding that ends each sequence at a multiple of C), with mul = scale, or scale / |x row| with
 // L2NORM (rsqrt(sum x^2 + 1e-6), as ops.l2_normalize). This is the forward's input layout (q, k, v)
 // and the backward's cotangent of the output (do).
 // Grid (32 * NC * B * HV, 1, 1), threadgroup (32 * rows, 1, 1): one SIMD group per output row
 // (p, b, hv), hv fastest; lane l holds columns l + 32 j.
-// Template: InT, D, HX (heads of x), HV (output heads, a multiple of HX), C, L2NORM. The sizes that
+// Template: InT, OutT (float, or InT where no precision is lost or, after the L2 norm, as fla keeps
+// it), D, HX (heads of x), HV (output heads, a multiple of HX), C, L2NORM. The sizes that
 // change from call to call come in `dims` (no new kernel for each sequence length).
 // Inputs: x [B,T,HX,D] InT; src [NC] int32 (the token at padded position p, or -1; NC a multiple of
 // C); scale [1] float32; dims [3] int32: T, B, NC.
-// Output: y [NC / C * B, HV, C, D] float32.
+// Output: y [NC / C * B, HV, C, D] OutT.
 constexpr int ND = (D + 31) / 32;
 const uint T = dims[0], B = dims[1], NC = dims[2];
 const uint lane = thread_index_in_simdgroup;
@@ -37,6 +38,6 @@ if (L2NORM) {
 for (int j = 0; j < ND; ++j) {
   const uint d = lane + 32 * j;
   if (d < D) {
-    y[y_at + d] = xv[j] * mul;
+    y[y_at + d] = static_cast<OutT>(xv[j] * mul);
   }
 }

@@ -9,49 +9,60 @@ from mlx_gdn.ops import chunk, gated_delta, kernels
 from reference import rms_rel
 
 
-def check_scans(N, B, HV, C, K, V, segments, tol=1e-5):
-    """Both kernel scans (forward, reverse) against the ops scans of chunk.py."""
+def check_scans(N, B, HV, C, K, V, segments, tol=1e-5, k_dtype=mx.float32):
+    """Both kernel scans (forward, reverse), which read k (in k_dtype) and gamma, against the ops
+    scans of chunk.py, which read Kt = k e^{gamma_C - gamma} and decay = e^{gamma_C}."""
     segments = segments or ((0, N),)
     S = len(segments)
     rng = np.random.default_rng(N * K + V)
     r = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32))
-    W, U, Kt = r(N * B, HV, C, K) * 0.1, r(N * B, HV, C, V), r(N * B, HV, C, K) * 0.1
-    decay = mx.array(rng.uniform(0.5, 1.0, (N * B, HV, 1, 1)).astype(np.float32))
+    W, U, k = r(N * B, HV, C, K) * 0.1, r(N * B, HV, C, V), (r(N * B, HV, C, K) * 0.1).astype(k_dtype)
+    g = mx.array(-rng.uniform(0.0, 0.05, (N * B, HV, C, 1)).astype(np.float32))
+    gamma, _, tail, decay = chunk._gates(g)
+    Kt = k.astype(mx.float32) * tail
     h0 = r(S * B, HV, K, V)
     ref = chunk._scan_forward(W, U, Kt, decay, h0, segments)
-    got = kernels.scan_forward(W, U, Kt, decay, h0, segments)
+    got = kernels.scan_forward(W, U, k, gamma, h0, segments)
     for name, a, b in zip(("states", "v_new", "h_final"), ref, got):
         assert rms_rel(np.array(a), np.array(b)) <= tol, name
 
     PdO, QdO, dhT = r(N * B, HV, C, V), r(N * B, HV, K, V), r(S * B, HV, K, V)
     ref = chunk._scan_backward(PdO, QdO, Kt, W, decay, dhT, segments)
-    got = kernels.scan_backward(PdO, QdO, Kt, W, decay, dhT, segments)
+    got = kernels.scan_backward(PdO, QdO, k, W, gamma, dhT, segments)
     for name, a, b in zip(("du", "dh_next", "dh0"), ref, got):
         assert rms_rel(np.array(a), np.array(b)) <= tol, name
 
 
-def _chunk_inputs(M, C, K, V):
-    """Random chunk-major q, k, v, g, beta of M chunks (one head), and the normal sampler used."""
+def _chunk_inputs(M, C, K, V, dtype=mx.float32):
+    """Random chunk-major q, k, v (rounded to dtype, then float32 again), g, beta of M chunks (one
+    head), and the normal sampler used."""
     rng = np.random.default_rng(M * C + K + V)
     r = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32))
     q, k, v = r(M, 1, C, K) / np.sqrt(K), r(M, 1, C, K) / np.sqrt(K), r(M, 1, C, V)
+    q, k, v = (x.astype(dtype).astype(mx.float32) for x in (q, k, v))
     g = mx.array(-rng.uniform(0.0, 0.2, (M, 1, C, 1)).astype(np.float32))
     beta = mx.array(rng.uniform(0.0, 1.0, (M, 1, C, 1)).astype(np.float32))
     return r, (q, k, v, g, beta)
 
 
-def check_pieces(M, C, K, V, tol=1e-5):
-    """The chunk pieces kernel (run by whatever kernels.backend() is) against the ops pieces."""
-    _, (q, k, v, g, beta) = _chunk_inputs(M, C, K, V)
-    got = chunk._ChunkPieces(q, k, v, g, beta)
+def check_pieces(M, C, K, V, tol=1e-5, dtype=mx.float32):
+    """The chunk pieces kernel (run by whatever kernels.backend() is; q, k, v given in dtype)
+    against the ops pieces, in full and as the forward asks for them (P, W, U alone)."""
+    _, (q, k, v, g, beta) = _chunk_inputs(M, C, K, V, dtype)
+    typed = [x.astype(dtype) for x in (q, k, v)]
+    got = chunk._ChunkPieces(*typed, g, beta)
     with kernels.use_factory("ops", None):
         ref = chunk._ChunkPieces(q, k, v, g, beta)
-    for name in ("KKG", "A", "Gam", "P", "Tinv", "W", "U", "Kt", "eg", "decay"):
+    for name in ("KKG", "A", "Gam", "P", "Tinv", "W", "U", "eg", "decay"):
         a, b = np.array(getattr(ref, name)), np.array(getattr(got, name))
         assert a.shape == b.shape and rms_rel(a, b) <= tol, name
     A64 = np.array(got.A).astype(np.float64)
     inverse = np.linalg.inv(np.eye(C) + A64)
     assert rms_rel(inverse, np.array(got.Tinv)) <= tol, "Tinv vs float64"
+    forward = chunk._ChunkPieces(*typed, g, beta, all_pieces=False)
+    assert forward.KKG is None and forward.Tinv is None
+    for name in ("P", "W", "U"):
+        assert np.array_equal(np.array(getattr(got, name)), np.array(getattr(forward, name))), name
 
 
 def check_layout(B, T, H, HV, D, C, cu_seqlens, l2norm, dtype, tol=1e-5):
@@ -75,6 +86,15 @@ def check_layout(B, T, H, HV, D, C, cu_seqlens, l2norm, dtype, tol=1e-5):
     y_ref = ops_to_chunks(x)
     y = kernels.rows_to_chunks(x, src, HV, C, scale=scale, l2norm=l2norm)
     assert rms_rel(np.array(y_ref), np.array(y)) <= tol
+    # in the input's type (k and v on a GPU): the float32 values rounded once, and unscaled without
+    # the L2 norm exactly the input
+    typed = kernels.rows_to_chunks(x, src, HV, C, l2norm=l2norm, dtype=dtype)
+    assert typed.dtype == dtype
+    rounding = 0.0 if dtype == mx.float32 else 2.0 ** -8
+    assert rms_rel(np.array(y_ref / scale), np.array(typed.astype(mx.float32))) <= tol + rounding
+    if not l2norm:
+        exact = gated_delta._to_chunks(mx.repeat(x, HV // H, axis=2), seqs, C, packed)
+        assert np.array_equal(np.array(exact.astype(mx.float32)), np.array(typed.astype(mx.float32)))
     cot = mx.array(rng.standard_normal(y_ref.shape).astype(np.float32))
     (dx_ref,) = mx.vjp(ops_to_chunks, [x], [cot])[1]
     dx = kernels.chunks_to_rows(cot, dst, B, H, dtype, scale=scale, x=x if l2norm else None)
@@ -91,9 +111,10 @@ def check_layout(B, T, H, HV, D, C, cu_seqlens, l2norm, dtype, tol=1e-5):
     assert np.array_equal(np.array(dy_ref), np.array(kernels.rows_to_chunks(do, src, HV, C)))
 
 
-def check_grads(M, C, K, V, tol=1e-5):
-    """The chunk grads kernel (after the reverse scan) against chunk._backward_after_scan."""
-    r, (q, k, v, g, beta) = _chunk_inputs(M, C, K, V)
+def check_grads(M, C, K, V, tol=1e-5, dtype=mx.float32):
+    """The chunk grads kernel (after the reverse scan; q, k, v given in dtype) against
+    chunk._backward_after_scan."""
+    r, (q, k, v, g, beta) = _chunk_inputs(M, C, K, V, dtype)
     with kernels.use_factory("ops", None):
         pc = chunk._ChunkPieces(q, k, v, g, beta)
     do, u, du = r(M, 1, C, V), r(M, 1, C, V), r(M, 1, C, V)
@@ -101,6 +122,7 @@ def check_grads(M, C, K, V, tol=1e-5):
     ref = chunk._backward_after_scan(q, k, v, beta, do, states, u, du, dh_next, q * pc.eg, pc.incl,
                                      pc.strict, pc.Gam, pc.eg, pc.tail, pc.decay, pc.KKG, pc.A, pc.P,
                                      pc.Tinv, pc.W, pc.U, pc.Kt)
-    got = chunk._backward_after_scan_kernel(q, k, v, beta, do, states, u, du, dh_next, pc)
+    typed = [x.astype(dtype) for x in (q, k, v)]
+    got = chunk._backward_after_scan_kernel(*typed, beta, do, states, u, du, dh_next, pc)
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta"), ref, got):
         assert a.shape == b.shape and rms_rel(np.array(a), np.array(b)) <= tol, name

@@ -39,14 +39,20 @@ def test_benchmark_script_runs(script, tmp_path):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit, no GPU)")
 def test_cuda_resource_usage_compiles_every_chunk_kernel():
     # the CUDA prelude plus each chunk and layout kernel body compiles for sm_90 as mx.fast.cuda_kernel would
-    cases = {"chunk_pieces": "K=100 V=60 C=64 THREADS=256 KC=32 CS=68 TS=68",
-             "chunk_scan_mma": "K=128 V=128 C=64 THREADS=512 BV=16 CB=32 KS=4 REVERSE=true "
-                               "HAS_Y=true AST=132 BST=36 HST=24",
-             "chunk_scan": "K=200 V=400 C=64 THREADS=256 BV=16 CB=16 REVERSE=false HAS_Y=false",
-             "chunk_grads": "K=100 V=60 C=64 THREADS=256 KC=16 CS=68 TS=68",
-             "rows_to_chunks": "InT=float D=100 HX=2 HV=4 C=64 L2NORM=true",
-             "chunks_to_rows": "OutT=float XT=float D=100 HX=2 HV=4 C=64 L2NORM=true"}
-    for name, template in cases.items():
+    # (and with bfloat16 buffers where the op passes k and v in their input type)
+    bf16 = "__nv_bfloat16"
+    cases = [("chunk_pieces", "K=100 V=60 C=64 THREADS=256 KC=32 CS=68 TS=68 ALL_PIECES=true"),
+             ("chunk_pieces", f"K=128 V=128 C=64 THREADS=256 KC=32 CS=68 TS=68 ALL_PIECES=false "
+                              f"k:{bf16} v:{bf16}"),
+             ("chunk_scan_mma", "K=128 V=128 C=64 THREADS=512 BV=16 CB=32 KS=4 REVERSE=true "
+                                f"HAS_Y=true AST=132 BST=36 HST=24 A:{bf16}"),
+             ("chunk_scan", "K=200 V=400 C=64 THREADS=256 BV=16 CB=16 REVERSE=false HAS_Y=false"),
+             ("chunk_scan", f"K=128 V=128 C=64 THREADS=256 BV=32 CB=16 REVERSE=true HAS_Y=true A:{bf16}"),
+             ("chunk_grads", f"K=100 V=60 C=64 THREADS=256 KC=16 CS=68 TS=68 k:{bf16} v:{bf16}"),
+             ("rows_to_chunks", "InT=float OutT=float D=100 HX=2 HV=4 C=64 L2NORM=true"),
+             ("rows_to_chunks", f"InT={bf16} OutT={bf16} x:{bf16} y:{bf16} D=128 HX=2 HV=4 C=64 L2NORM=false"),
+             ("chunks_to_rows", "OutT=float XT=float D=100 HX=2 HV=4 C=64 L2NORM=true")]
+    for name, template in cases:
         run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cuda_resource_usage.py"), name,
                               *template.split()], capture_output=True, text=True, timeout=300)
         assert run.returncode == 0 and "registers" in run.stdout, run.stdout + run.stderr

@@ -86,6 +86,13 @@ def test_mma_scan_kernels_match_ops(emulated, monkeypatch, N, B, HV, C, K, V, se
     check_scans(N, B, HV, C, K, V, segments)
 
 
+@pytest.mark.parametrize("scan", ["simt", "mma"])
+def test_scans_read_k_in_its_input_type(emulated, monkeypatch, scan):
+    # k in bfloat16, as the layout leaves it for bf16 inputs; the ops scan gets the same values
+    monkeypatch.setattr(kernels, "SCAN_KERNEL", scan)
+    check_scans(3, 1, 2, 32, 64, 40, ((0, 2), (2, 3)), k_dtype=mx.bfloat16)
+
+
 PIECES_CASES = [
     # M, C, K, V, (threads, threadgroup bytes, padded strides)
     (3, 16, 32, 32, (256, 32768, False)),   # more SIMD groups than tiles
@@ -125,6 +132,13 @@ def test_chunk_grads_kernel_matches_ops(emulated, monkeypatch, M, C, K, V, confi
     check_grads(M, C, K, V)
 
 
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_chunk_kernels_read_qkv_in_their_input_type(emulated, monkeypatch, dtype):
+    chunk_kernel_config(monkeypatch, 64, 32768, True)
+    check_pieces(2, 32, 60, 100, dtype=dtype)
+    check_grads(2, 32, 60, 100, dtype=dtype)
+
+
 LAYOUT_CASES = [
     # B, T, H, HV, D, C, cu_seqlens, l2norm, dtype
     (2, 75, 2, 4, 32, 16, None, True, mx.float32),  # GVA: two value heads a q/k head
@@ -158,19 +172,21 @@ def test_chunked_op_with_kernels_matches_oracle(emulated, B, T, H, HV, D, mask_p
     assert rms_rel(ro, np.array(o)) <= FP32_TOL and rms_rel(rs, np.array(s)) <= FP32_TOL
 
 
-@pytest.mark.parametrize("case", ["plain", "packed", "gates", "gates compiled", "kept pieces"])
+@pytest.mark.parametrize("case", ["plain", "packed", "gates", "gates compiled", "kept pieces", "bf16"])
 def test_chunked_grads_with_kernels_match_ops(emulated, monkeypatch, case):
     # GVA throughout; "packed": cu_seqlens and the in-kernel L2 norm; "gates": the layer's options
     # (gate from A_log and dt_bias, beta sigmoid, allow_neg_eigval), A_log and dt_bias differentiated;
     # "compiled": the element-wise chains under mx.compile, as on a GPU; "kept pieces":
-    # keep_chunk_pieces, so chunk_pieces runs in the forward only
+    # keep_chunk_pieces, so chunk_pieces runs in the forward only; "bf16": q, k, v in bfloat16, so
+    # that k and v reach the kernels in bfloat16
     if case.endswith("compiled"):
         monkeypatch.setattr(chunk, "COMPILE_ON_CPU", True)
         monkeypatch.setattr(gated_delta, "_chunked_fns", {})
         monkeypatch.setattr(chunk, "_compiled", {})
     packed = case == "packed"
     data = make_inputs(5, 1, 50, 2, 4, 32, mask_p=0.3, h0=True, n_states=3 if packed else 1,
-                       unit_k=case == "plain")
+                       unit_k=case in ("plain", "bf16"))
+    typed = lambda n: mx.array(data[n]).astype(mx.bfloat16 if case == "bf16" and n in "qkv" else mx.float32)
     names = ["q", "k", "v", "g", "beta", "initial_state"]
     w = mx.array(np.random.default_rng(1).standard_normal((1, 50, 4, 32)).astype(np.float32))
     kw = {}
@@ -190,21 +206,24 @@ def test_chunked_grads_with_kernels_match_ops(emulated, monkeypatch, case):
         def loss(*xs):
             o, s = gated_delta_rule(**dict(zip(names, xs)), output_final_state=True, mode="chunk",
                                     chunk_size=16, **kw)
-            return (o * w).sum() + s.sum()
-        return mx.grad(loss, argnums=list(range(len(names))))(*[mx.array(data[n]) for n in names])
+            return (o.astype(mx.float32) * w).sum() + s.sum()
+        return mx.grad(loss, argnums=list(range(len(names))))(*[typed(n) for n in names])
 
     if case == "kept pieces":
         kw = dict(keep_chunk_pieces=True)
     pieces_calls = []
     pieces = kernels.chunk_pieces
-    monkeypatch.setattr(kernels, "chunk_pieces", lambda *xs: pieces_calls.append(1) or pieces(*xs))
+    monkeypatch.setattr(kernels, "chunk_pieces", lambda *xs: pieces_calls.append(xs[1].dtype) or pieces(*xs))
     got = grads()
     with kernels.use_factory("ops", None):
         ref = grads()
     assert len(pieces_calls) == (1 if case == "kept pieces" else 2)
+    # k reaches the kernels in its input type unless L2-normalised
+    assert set(pieces_calls) == {mx.bfloat16 if case == "bf16" else mx.float32}
     assert chunk._compiled or not case.endswith("compiled"), "nothing was compiled"
     for n, a, b in zip(names, ref, got):
-        assert rms_rel(np.array(a), np.array(b)) <= FP32_TOL, n
+        assert a.dtype == b.dtype == typed(n).dtype, n
+        assert rms_rel(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))) <= FP32_TOL, n
 
 
 @pytest.mark.parametrize("packed", [False, True])

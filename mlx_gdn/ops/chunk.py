@@ -149,13 +149,12 @@ def fused(fn):
     return _compiled[fn]
 
 
-def _gates(g, k):
+def _gates(g):
     """Per-token decays: gamma (the within-chunk cumsum of g), e^gamma, the decay to the chunk's end,
-    the decay across the whole chunk [..., 1, 1], and K scaled by the decay to the end."""
+    and the decay across the whole chunk [..., 1, 1]."""
     gamma = mx.cumsum(g, axis=-2)  # [..., C, 1]
     glast = gamma[..., -1:, :]
-    tail = mx.exp(glast - gamma)
-    return gamma, mx.exp(gamma), tail, mx.exp(glast), k * tail
+    return gamma, mx.exp(gamma), mx.exp(glast - gamma), mx.exp(glast)
 
 
 def _pieces_before_inverse(q, k, gamma, beta, incl, strict):
@@ -178,26 +177,33 @@ class _ChunkPieces:
 
     Per-token scalars are kept as columns [..., C, 1] and broadcast from there: MLX's CPU scheduler
     waits for a pending input before reshaping it, which would serialise the per-core streams.
-    On a GPU, metal_kernels/chunk_pieces.metal computes KKG, P, Tinv, W and U in one launch; Gam and A
-    are then only formed if the backward reads them (MLX evaluates lazily).
+    On a GPU, metal_kernels/chunk_pieces.metal computes KKG, P, Tinv, W and U in one launch (KKG and
+    Tinv only with all_pieces: the forward needs neither); Gam and A are then only formed if a
+    reader asks for them (MLX evaluates lazily), and the scan kernels take k and gamma instead of Kt
+    (the ops path's K scaled by the decay to the chunk's end).
     """
 
     KEPT = ("KKG", "P", "Tinv", "W", "U")  # what the backward can take from the forward instead
 
-    def __init__(self, q, k, v, g, beta, kept=()):
+    def __init__(self, q, k, v, g, beta, kept=(), all_pieces=True):
         C = q.shape[-2]
         self.incl, self.strict = _masks(C)
-        self.gamma, self.eg, self.tail, self.decay, self.Kt = fused(_gates)(g, k)
+        self.gamma, self.eg, self.tail, self.decay = fused(_gates)(g)
+        ops = kernels.backend() == "ops"
+        if ops:
+            self.Kt = k * self.tail
         if kept:
             self.KKG, self.P, self.Tinv, self.W, self.U = kept
-            self.Gam, self.A = fused(_gated_from_kernel)(self.gamma, self.KKG, beta, self.incl)
-        elif kernels.backend() == "ops":
+        elif ops:
             self.Gam, self.KKG, self.A, self.P = fused(_pieces_before_inverse)(
                 q, k, self.gamma, beta, self.incl, self.strict)
             self.Tinv = invert_unit_lower(self.A)
             self.W, self.U = fused(_pieces_after_inverse)(self.Tinv, k, v, beta, self.eg)
+            return
         else:
-            self.KKG, self.P, self.Tinv, self.W, self.U = kernels.chunk_pieces(q, k, v, self.gamma, beta)
+            self.KKG, self.P, self.Tinv, self.W, self.U = kernels.chunk_pieces(
+                q, k, v, self.gamma, beta, all_pieces)
+        if self.KKG is not None:
             self.Gam, self.A = fused(_gated_from_kernel)(self.gamma, self.KKG, beta, self.incl)
 
 
@@ -241,9 +247,11 @@ def _scan_backward(PdO, QdO, Kt, W, decay, dhT, segments):
 def _forward_block(q, k, v, g, beta, h0, segments, keep=False):
     """One block of chunks: (o, final states, per-chunk start states, new values u), then with
     `keep` the pieces the backward would otherwise compute again (_ChunkPieces.KEPT)."""
-    pc = _ChunkPieces(q, k, v, g, beta)
-    scan = _scan_forward if kernels.backend() == "ops" else kernels.scan_forward
-    states, u, hT = scan(pc.W, pc.U, pc.Kt, pc.decay, h0, segments)
+    pc = _ChunkPieces(q, k, v, g, beta, all_pieces=keep)
+    if kernels.backend() == "ops":
+        states, u, hT = _scan_forward(pc.W, pc.U, pc.Kt, pc.decay, h0, segments)
+    else:
+        states, u, hT = kernels.scan_forward(pc.W, pc.U, k, pc.gamma, h0, segments)
     o = fused(_output)(q, pc.eg, states, pc.P, u)
     return (o, hT, states, u) + (tuple(getattr(pc, name) for name in pc.KEPT) if keep else ())
 
@@ -258,11 +266,11 @@ def _backward_block(q, k, v, g, beta, do, dhT, states, u, segments, kept=()):
     """One block of chunks: gradients (dq, dk, dv, dg, dbeta, dh0) of _forward_block's (o, hT);
     `kept`, the pieces _forward_block kept, if it did."""
     pc = _ChunkPieces(q, k, v, g, beta, kept)
-    scan = _scan_backward if kernels.backend() == "ops" else kernels.scan_backward
     Qg, PdO, QdO = fused(_scan_backward_inputs)(q, pc.eg, pc.P, do)
-    du, dh_next, dh0 = scan(PdO, QdO, pc.Kt, pc.W, pc.decay, dhT, segments)
     if kernels.backend() != "ops":
+        du, dh_next, dh0 = kernels.scan_backward(PdO, QdO, k, pc.W, pc.gamma, dhT, segments)
         return _backward_after_scan_kernel(q, k, v, beta, do, states, u, du, dh_next, pc) + (dh0,)
+    du, dh_next, dh0 = _scan_backward(PdO, QdO, pc.Kt, pc.W, pc.decay, dhT, segments)
     return tuple(fused(_backward_after_scan)(
         q, k, v, beta, do, states, u, du, dh_next, Qg, pc.incl, pc.strict, pc.Gam, pc.eg, pc.tail,
         pc.decay, pc.KKG, pc.A, pc.P, pc.Tinv, pc.W, pc.U, pc.Kt)) + (dh0,)

@@ -250,7 +250,7 @@ def _chunked(opt, C, seqs, packed, h0, q, k, v, g, beta, A_log, dt_bias):
     """The chunked path from token rows to token rows as one custom function: q, k, v (and the
     gates) go to chunk.py's chunk-major float32 layout, the output comes back to rows, and the
     backward takes the cotangents the same two ways. Only the raw inputs are kept for the backward,
-    which lays them out again: not the float32 chunk-major copies, nor the float32 output.
+    which lays them out again: not the chunk-major copies, nor the float32 output.
     On Metal/CUDA (q, k, v of one dtype) the layout of q, k, v and of the output is the layout
     kernels' (kernels.rows_to_chunks / chunks_to_rows, each the other's VJP, with the L2 norm's);
     otherwise, and for the gates (small), MLX ops and their autodiff.
@@ -263,10 +263,16 @@ def _chunked(opt, C, seqs, packed, h0, q, k, v, g, beta, A_log, dt_bias):
     if kernels.backend() != "ops" and q.dtype == k.dtype == v.dtype:
         src, dst = _layout_maps(seqs, T, C, packed)
 
+        # v, and k unless L2-normalised, stay in their input type: exact, and only the kernels read
+        # them, for half the bytes with bf16. q (scaled) and a normalised k are float32 (fla rounds
+        # a normalised k to bf16: 3e-3 relative in the gradients on the emulator's test shapes).
+        k_dtype = mx.float32 if opt.l2norm else k.dtype
+
         def qkv_in(q, k, v):
-            return [kernels.rows_to_chunks(x, src, HV, C, scale=scale, l2norm=l2norm)
-                    for x, scale, l2norm in ((q, opt.scale, opt.l2norm), (k, 1.0, opt.l2norm),
-                                             (v, 1.0, False))]
+            return [kernels.rows_to_chunks(x, src, HV, C, scale=scale, l2norm=l2norm, dtype=dtype)
+                    for x, scale, l2norm, dtype in ((q, opt.scale, opt.l2norm, mx.float32),
+                                                    (k, 1.0, opt.l2norm, k_dtype),
+                                                    (v, 1.0, False, v.dtype))]
 
         def qkv_grads(q, k, v, dq, dk, dv):
             return (kernels.chunks_to_rows(dq, dst, B, H, q.dtype, scale=opt.scale,

@@ -13,7 +13,7 @@ import mlx.core as mx
 
 import metal_kernels
 
-_SCAN_IO = (["A", "X", "Bm", "Y", "decay", "h_in", "seg_start", "seg_end", "dims"],
+_SCAN_IO = (["A", "X", "Bm", "Y", "gamma", "h_in", "seg_start", "seg_end", "dims"],
             ["states", "x_new", "h_out"])
 SPECS = {
     "decode_step": (["q", "k", "v", "g", "beta", "A_log", "dt_bias", "scale", "state_in"],
@@ -183,8 +183,9 @@ def _mma_scan_config(K, C, threads, limit, padded):
     raise ValueError(f"chunk_scan_mma: K = {K} does not fit {limit} bytes of threadgroup memory")
 
 
-def _scan(A, X, Bm, Y, decay, h_in, segments, reverse):
-    """The chunk_scan kernel on chunk-major arrays [N * B, HV, ...]; returns (states, x_new, h_out)."""
+def _scan(A, X, Bm, Y, gamma, h_in, segments, reverse):
+    """The chunk_scan kernel on chunk-major arrays [N * B, HV, ...] (k, not Kt: Bm forward, A
+    backward); returns (states, x_new, h_out)."""
     NB, HV, C, K = A.shape
     V = X.shape[-1]
     S = len(segments)
@@ -202,7 +203,7 @@ def _scan(A, X, Bm, Y, decay, h_in, segments, reverse):
         tile, rows = _scan_tiles(K, C, threads, limit, 2 * SCAN_TILE if wide else SCAN_TILE)
     has_y = Y is not None
     states, x_new, h_out = get_kernel(name, threads)(
-        inputs=[A, X, Bm, Y if has_y else mx.zeros((1,)), decay.reshape(N, R), h_in,
+        inputs=[A, X, Bm, Y if has_y else mx.zeros((1,)), gamma.reshape(N, R, C), h_in,
                 *_scan_flags(segments, N, reverse), mx.array([N, R], dtype=mx.int32)],
         template=[("K", K), ("V", V), ("C", C), ("THREADS", threads), ("BV", tile), ("CB", rows),
                   ("REVERSE", reverse), ("HAS_Y", has_y), *extra],
@@ -213,14 +214,15 @@ def _scan(A, X, Bm, Y, decay, h_in, segments, reverse):
             h_out.reshape(S * B, HV, K, V))
 
 
-def scan_forward(W, U, Kt, decay, h0, segments):
-    """Kernel twin of chunk._scan_forward (same arguments and results)."""
-    return _scan(W, U, Kt, None, decay, h0, segments, reverse=False)
+def scan_forward(W, U, k, gamma, h0, segments):
+    """Kernel twin of chunk._scan_forward (same results), from k (any float type) and gamma instead
+    of Kt = k e^{gamma_C - gamma} and decay = e^{gamma_C}: the kernel scales in place."""
+    return _scan(W, U, k, None, gamma, h0, segments, reverse=False)
 
 
-def scan_backward(PdO, QdO, Kt, W, decay, dhT, segments):
-    """Kernel twin of chunk._scan_backward (same arguments and results)."""
-    dh_next, du, dh0 = _scan(Kt, PdO, W, QdO, decay, dhT, segments, reverse=True)
+def scan_backward(PdO, QdO, k, W, gamma, dhT, segments):
+    """Kernel twin of chunk._scan_backward (same results), k and gamma as in scan_forward."""
+    dh_next, du, dh0 = _scan(k, PdO, W, QdO, gamma, dhT, segments, reverse=True)
     return du, dh_next, dh0
 
 
@@ -251,14 +253,20 @@ def _per_chunk_launch(q, v, config):
         grid=(threads * (q.size // (C * K)), 1, 1), threadgroup=(threads, 1, 1))
 
 
-def chunk_pieces(q, k, v, gamma, beta):
-    """The chunk pieces kernel on chunk-major q, k [..., C, K], v [..., C, V], gamma, beta [..., C, 1]
-    (float32): (KKG, P, Tinv, W, U) as chunk._pieces_before_inverse / _pieces_after_inverse give them."""
+def chunk_pieces(q, k, v, gamma, beta, all_pieces=True):
+    """The chunk pieces kernel on chunk-major q, k [..., C, K], v [..., C, V] (any float type),
+    gamma, beta [..., C, 1] (float32): (KKG, P, Tinv, W, U) as chunk._pieces_before_inverse /
+    _pieces_after_inverse give them; KKG and Tinv None unless all_pieces (the forward needs neither:
+    two C x C arrays a chunk not written)."""
     lead, C, K, V, launch = _per_chunk_launch(q, v, _pieces_config)
-    return tuple(get_kernel("chunk_pieces", launch["threadgroup"][0])(
+    launch["template"].append(("ALL_PIECES", all_pieces))
+    square = (*lead, C, C)
+    KKG, P, Tinv, W, U = get_kernel("chunk_pieces", launch["threadgroup"][0])(
         inputs=[q, k, v, gamma, beta],
-        output_shapes=[(*lead, C, C)] * 3 + [(*lead, C, K), (*lead, C, V)],
-        output_dtypes=[mx.float32] * 5, **launch))
+        output_shapes=[square if all_pieces else (1,), square, square if all_pieces else (1,),
+                       (*lead, C, K), (*lead, C, V)],
+        output_dtypes=[mx.float32] * 5, **launch)
+    return (KKG, P, Tinv, W, U) if all_pieces else (None, P, None, W, U)
 
 
 def _grads_config(C, limit, padded):
@@ -284,8 +292,8 @@ def chunk_grads(q, k, v, do, u, du, du_h, dKt, dQg, Tinv, W, U, KKG, P, gamma, b
 LAYOUT_ROWS = 8  # rows_to_chunks / chunks_to_rows: rows (SIMD groups) per threadgroup
 
 
-def rows_to_chunks(x, src, heads, C, *, scale=1.0, l2norm=False):
-    """x [B, T, HX, D] -> chunk-major float32 [N * B, heads, C, D] (heads a multiple of HX; head h
+def rows_to_chunks(x, src, heads, C, *, scale=1.0, l2norm=False, dtype=mx.float32):
+    """x [B, T, HX, D] -> chunk-major [N * B, heads, C, D] in dtype (heads a multiple of HX; head h
     reads x's head h // (heads / HX)), row p of a batch row from token src[p] (zeros where -1),
     times scale, L2-normalised first with l2norm. src: int32 [N * C]."""
     B, T, HX, D = x.shape
@@ -293,9 +301,10 @@ def rows_to_chunks(x, src, heads, C, *, scale=1.0, l2norm=False):
     rows = NC * B * heads
     return get_kernel("rows_to_chunks")(
         inputs=[x, src, mx.array([scale], dtype=mx.float32), mx.array([T, B, NC], dtype=mx.int32)],
-        template=[("InT", x.dtype), ("D", D), ("HX", HX), ("HV", heads), ("C", C), ("L2NORM", l2norm)],
+        template=[("InT", x.dtype), ("OutT", dtype), ("D", D), ("HX", HX), ("HV", heads), ("C", C),
+                  ("L2NORM", l2norm)],
         grid=(32 * rows, 1, 1), threadgroup=(32 * LAYOUT_ROWS, 1, 1),
-        output_shapes=[(NC // C * B, heads, C, D)], output_dtypes=[mx.float32])[0]
+        output_shapes=[(NC // C * B, heads, C, D)], output_dtypes=[dtype])[0]
 
 
 def chunks_to_rows(y, dst, B, heads, dtype, *, scale=1.0, x=None):
