@@ -59,7 +59,9 @@ const int slot = (int)(tid / VG);
 float h[KGPT][4][4];  // update: rows 4 (slot + SLOTS i) + a, columns v0 + j
 float staged[SPT][4];  // the next stage's items of A or B
 float xs[XPT][4];      // the next stage's items of X
-float tails[XPT];      // and the tails of their rows
+float gam[XPT];        // and gamma at their rows, and at the chunk's end (exp is taken only when
+float glast = 0.0f;    // the stage is stored: the loads' latency stays off the sequential path)
+float decay = 0.0f;    // the current chunk's e^{gamma_C}
 const int total = N * 2 * STAGES;
 // stage it of the scan: chunk step it / (2 STAGES); its first STAGES stages multiply by A, the
 // others update with B. it = -1 only fetches the first stage.
@@ -99,7 +101,7 @@ for (int it = -1; it < total; ++it) {
       }
     }
     if (s == STAGES) {  // every product with h is done: h = decay h + Y (this thread's rows)
-      const float d = exp(gamma[nr * C + C - 1]);
+      const float d = decay;
       for (int i = 0; i < KGPT; ++i) {
         for (int a = 0; a < 4; ++a) {
           const int k = 4 * (slot + SLOTS * i) + a;
@@ -125,7 +127,10 @@ for (int it = -1; it < total; ++it) {
       for (int j = 0; j < 4; ++j) {
         x_cur[p][j] = xs[p][j];
       }
-      tail_cur[p] = tails[p];
+      tail_cur[p] = s < STAGES ? exp(glast - gam[p]) : 0.0f;
+    }
+    if (s == 0) {
+      decay = exp(glast);
     }
   }
   {  // fetch the next stage: A as (k, row group) items, consecutive lanes at consecutive k
@@ -145,10 +150,11 @@ for (int it = -1; it < total; ++it) {
           }
         }
         const uint g_at = (uint)(n2 * R + r) * C;
+        glast = gamma[g_at + C - 1];
         for (int p = 0; p < XPT; ++p) {
           const int e = (int)tid + THREADS * p;
           const int c = c2 + e / VG, g = e % VG;
-          tails[p] = e < CB * VG ? exp(gamma[g_at + C - 1] - gamma[g_at + c]) : 0.0f;
+          gam[p] = e < CB * VG ? gamma[g_at + c] : 0.0f;
           for (int j = 0; j < 4; ++j) {
             const int v = vt + 4 * g + j;
             xs[p][j] = e < CB * VG && v < V ? X[((uint)(n2 * R + r) * C + c) * V + v] : 0.0f;

@@ -60,7 +60,8 @@ for (int e = (int)tid; e < KB * 8 * HST; e += THREADS) {
 threadgroup_barrier(mem_flags::mem_threadgroup);
 float staged[LPT];  // the next stage's elements of A or B (zero in the padding from K up)
 float xs[XPT], xs_next[XPT];
-float tails[XPT], tails_next[XPT];  // the tails of the X elements' rows
+float tails[XPT], gam[XPT];  // the tails of the X elements' rows, from gamma there and at the
+float glast = 0.0f, decay = 0.0f;  // chunk's end (prefetched; exp taken when the stage is stored)
 simdgroup_float8x8 acc[TPS], acc2[TPS];  // a tile pair's upper and lower 8 rows
 const int total = N * 2 * STAGES;
 // it = -1 only fetches the first stage; stage s of chunk step: s < STAGES stages A, else B
@@ -106,7 +107,10 @@ for (int it = -1; it < total; ++it) {
     }
     for (int p = 0; p < XPT; ++p) {
       xs[p] = xs_next[p];
-      tails[p] = tails_next[p];
+      tails[p] = s < STAGES ? exp(glast - gam[p]) : 0.0f;
+    }
+    if (s == 0) {
+      decay = exp(glast);
     }
   }
   {  // fetch the next stage (and its X)
@@ -132,11 +136,12 @@ for (int it = -1; it < total; ++it) {
       }
       if (s2 < STAGES) {
         const uint g_at = (uint)(n2 * R + r) * C;
+        glast = gamma[g_at + C - 1];
         for (int p = 0; p < XPT; ++p) {
           const int e = (int)tid + THREADS * p;
           const int v = vt + e % BV;
           xs_next[p] = e < CB * BV && v < V ? X[((uint)(n2 * R + r) * C + c0 + e / BV) * V + v] : 0.0f;
-          tails_next[p] = e < CB * BV ? exp(gamma[g_at + C - 1] - gamma[g_at + c0 + e / BV]) : 0.0f;
+          gam[p] = e < CB * BV ? gamma[g_at + c0 + e / BV] : 0.0f;
         }
       }
     }
@@ -191,7 +196,7 @@ for (int it = -1; it < total; ++it) {
       }
     }
     if (s == STAGES - 1) {  // every product with h is done: h = decay h + Y
-      const float d = exp(gamma[nr * C + C - 1]);
+      const float d = decay;
       for (int p = 0; p < HPT; ++p) {
         const int e = (int)tid + THREADS * p;
         const int k = e / BV, v = vt + e % BV;
