@@ -6,6 +6,11 @@ decode step (B in {1, 16}, H = 16, D = 128) vs fla fused_recurrent_gated_delta_r
 forward+backward is timed op by op (mx.grad) and compiled whole (mx.compile(mx.grad), as train.py's
 step runs it).
 
+MLX and PyTorch are timed the same way: calls queued back to back, one synchronisation at the end
+(CUDA launches are asynchronous; `mx.async_eval` lets MLX build call i + 1 while the GPU runs call
+i). Ours is also timed with a wait after every call (`*_sync_ms`, the timing of sessions 1-12),
+which adds MLX's per-call host work and synchronisation (0.7-1 ms at these shapes on the H100).
+
     PYTHONPATH=. python benchmarks/bench_gpu.py [--out results.json] [--skip-builtin-bwd]
 """
 
@@ -31,13 +36,18 @@ def random_model(preset, dtype=mx.bfloat16):
     return model
 
 
-def time_mlx(fn, repeats=10, warmup=3):
+def time_mlx(fn, repeats=10, warmup=3, pipelined=False):
+    """ms per call of fn (its outputs evaluated): each call waited for, or pipelined (queued with
+    mx.async_eval, one synchronisation at the end, as time_torch times PyTorch)."""
     for _ in range(warmup):
         mx.eval(fn())
     mx.synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
-        mx.eval(fn())
+        if pipelined:
+            mx.async_eval(fn())
+        else:
+            mx.eval(fn())
     mx.synchronize()
     return (time.perf_counter() - start) / repeats * 1e3
 
@@ -78,9 +88,18 @@ def ours(q, k, v, g, beta, weighted=True, **opts):
 
 
 def bench_ours(q, k, v, g, beta, **opts):
-    """(forward, forward+backward op by op, forward+backward compiled) ms; opts go to the op."""
+    """ms of the forward, forward+backward op by op and compiled ({fwd, fwdbwd, fwdbwd_compiled}_ms,
+    pipelined as fla is timed, and the same with a wait after every call, _sync_ms); opts go to the op."""
     args, *fns = ours(q, k, v, g, beta, **opts)
-    return tuple(time_mlx(lambda: fn(*args)) for fn in fns)
+    out = {}
+    for name, fn in zip(("fwd", "fwdbwd", "fwdbwd_compiled"), fns):
+        out[f"{name}_ms"] = time_mlx(lambda: fn(*args), pipelined=True)
+        out[f"{name}_sync_ms"] = time_mlx(lambda: fn(*args))
+    return out
+
+
+def prefixed(prefix, timings):
+    return {f"{prefix}_{key}": value for key, value in timings.items()}
 
 
 def peak_gb(fn):
@@ -107,13 +126,13 @@ def bench_builtin(q, k, v, g, beta, backward):
     vm, bm = mx.array(v).astype(mx.bfloat16), mx.array(beta).astype(mx.bfloat16)
     gamma = mx.exp(mx.array(g)).astype(mx.bfloat16)
     fwd = lambda: mx.fast.gated_delta_update(qm, km, vm, gamma, bm)[0]
-    out = {"fwd_ms": guarded(lambda: time_mlx(fwd, repeats=2, warmup=1))}
+    out = {"fwd_ms": guarded(lambda: time_mlx(fwd, repeats=2, warmup=1, pipelined=True))}
     if backward:
         loss = lambda *xs: mx.fast.gated_delta_update(*xs)[0].astype(mx.float32).sum()
         grad = mx.grad(loss, argnums=[0, 1, 2, 3, 4])
         # its autodiff keeps a K x V state per token: may run out of memory
         out["fwdbwd_ms"] = guarded(lambda: time_mlx(lambda: grad(qm, km, vm, gamma, bm), repeats=1,
-                                                    warmup=1))
+                                                    warmup=1, pipelined=True))
     return out
 
 
@@ -161,13 +180,14 @@ def bench_decode(torch, fla_ops, B, H=16, D=128):
     state = rng.standard_normal((B, H, D, D)).astype(np.float32) * 0.1
     qm, km, vm, bm = (mx.array(x).astype(mx.bfloat16) for x in (q, k, v, beta))
     gm, sm = mx.array(g), mx.array(state)
-    ours = time_mlx(lambda: gated_delta_rule(qm, km, vm, gm, bm, initial_state=sm, output_final_state=True,
-                                             use_qk_l2norm_in_kernel=True, mode="recurrent"), repeats=100)
+    step = lambda: gated_delta_rule(qm, km, vm, gm, bm, initial_state=sm, output_final_state=True,
+                                    use_qk_l2norm_in_kernel=True, mode="recurrent")
     sv = mx.swapaxes(sm, -1, -2)
     qn = qm * (D ** -0.5)
     builtin = time_mlx(lambda: mx.fast.gated_delta_update(qn, km, vm, mx.exp(gm).astype(mx.bfloat16), bm, sv),
-                       repeats=100)
-    row = {"B": B, "ours_us": ours * 1e3, "builtin_us": builtin * 1e3}
+                       repeats=100, pipelined=True)
+    row = {"B": B, "ours_us": time_mlx(step, repeats=100, pipelined=True) * 1e3,
+           "ours_sync_us": time_mlx(step, repeats=100) * 1e3, "builtin_us": builtin * 1e3}
     if fla_ops is not None:
         t = lambda x, dt=torch.bfloat16: torch.tensor(x, device="cuda").to(dt)
         args = (t(q), t(k), t(v), t(g, torch.float32), t(beta))
@@ -214,14 +234,13 @@ def main():
         row = {"shape": [B, T, H, D]}
         # ours and fla take turns, --rounds times; each key gets the best round, "<key>_rounds" all
         for _ in range(args.rounds):
-            timed = dict(zip(("ours_fwd_ms", "ours_fwdbwd_ms", "ours_fwdbwd_compiled_ms"), bench_ours(*data)))
+            timed = prefixed("ours", bench_ours(*data))
             if args.compare_mma:
                 kernel, kernels.SCAN_KERNEL = kernels.SCAN_KERNEL, "mma"
-                timed.update(zip(("ours_mma_fwd_ms", "ours_mma_fwdbwd_ms"), bench_ours(*data)))
+                timed.update(prefixed("ours_mma", bench_ours(*data)))
                 kernels.SCAN_KERNEL = kernel
             if args.compare_kept:
-                timed.update(zip(("ours_kept_fwd_ms", "ours_kept_fwdbwd_ms", "ours_kept_fwdbwd_compiled_ms"),
-                                 bench_ours(*data, keep_chunk_pieces=True)))
+                timed.update(prefixed("ours_kept", bench_ours(*data, keep_chunk_pieces=True)))
             if fla_ops is not None:
                 timed.update(zip(("fla_fwd_ms", "fla_fwdbwd_ms"), bench_fla(torch, fla_ops, *data)))
             for key, value in timed.items():
@@ -240,7 +259,7 @@ def main():
     if args.shapes != "none" and not args.skip_builtin:
         data = inputs(1, 2048, 16, 128)
         small = {"shape": [1, 2048, 16, 128]}
-        small["ours_fwd_ms"], small["ours_fwdbwd_ms"], small["ours_fwdbwd_compiled_ms"] = bench_ours(*data)
+        small.update(prefixed("ours", bench_ours(*data)))
         small.update({f"builtin_{k}": val for k, val in
                       bench_builtin(*data, backward=not args.skip_builtin_bwd).items()})
         rows.append(small)
