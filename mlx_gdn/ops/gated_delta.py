@@ -168,14 +168,16 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
         mode = "recurrent" if max(e - s for s, e in seqs) <= RECURRENT_MAX_TOKENS else "chunk"
     if mode == "recurrent":
         step = _recurrent_kernel if kernels.backend() != "ops" else _recurrent_ops
-        outs, finals = [], []
-        for i, (s, e) in enumerate(seqs if packed else [(0, T)]):
-            h_i = h0[i:i + 1] if packed else h0
-            o_i, hT_i = step(options, q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], beta[:, s:e],
-                             h_i, *params)
-            outs.append(o_i)
-            finals.append(hT_i)
-        o, hT = mx.concatenate(outs, axis=1), mx.concatenate(finals, axis=0)
+        if not packed:  # decode: no slices or concatenations around the step (it is host-bound)
+            o, hT = step(options, q, k, v, g, beta, h0, *params)
+        else:
+            outs, finals = [], []
+            for i, (s, e) in enumerate(seqs):
+                o_i, hT_i = step(options, q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], beta[:, s:e],
+                                 h0[i:i + 1], *params)
+                outs.append(o_i)
+                finals.append(hT_i)
+            o, hT = mx.concatenate(outs, axis=1), mx.concatenate(finals, axis=0)
     elif packed:
         o, hT = _chunked(options, chunk_size, seqs, packed, h0, q, k, v, g, beta, *params)
     else:
@@ -342,20 +344,25 @@ def _recurrent_ops(opt, q, k, v, g, beta, h0, A_log, dt_bias):
     return o.astype(q.dtype), hT
 
 
+_decode_steps = {}
+
+
 def _recurrent_kernel(opt, q, k, v, g, beta, h0, A_log, dt_bias):
     """The fused decode kernel; its gradient is that of the ops recurrence (decode needs none, but a
-    recurrent-mode call under mx.grad must still be right)."""
+    recurrent-mode call under mx.grad must still be right). One custom function per set of options,
+    made once: a decode step is host-bound, and making it anew cost each call several µs."""
+    if opt.key not in _decode_steps:
+        @mx.custom_function
+        def step(q, k, v, g, beta, h0, A_log, dt_bias):
+            return kernels.decode_step(q, k, v, g, beta, h0, scale=opt.scale, A_log=A_log,
+                                       dt_bias=dt_bias if opt.has_dt_bias else None,
+                                       l2norm=opt.l2norm, gate=opt.gate,
+                                       beta_sigmoid=opt.beta_sigmoid, neg_eigval=opt.neg_eigval)
 
-    @mx.custom_function
-    def step(q, k, v, g, beta, h0, A_log, dt_bias):
-        return kernels.decode_step(q, k, v, g, beta, h0, scale=opt.scale, A_log=A_log,
-                                   dt_bias=dt_bias if opt.has_dt_bias else None, l2norm=opt.l2norm,
-                                   gate=opt.gate, beta_sigmoid=opt.beta_sigmoid,
-                                   neg_eigval=opt.neg_eigval)
+        @step.vjp
+        def step_vjp(primals, cotangents, outputs):
+            _, grads = mx.vjp(lambda *xs: _recurrent_ops(opt, *xs), list(primals), list(cotangents))
+            return tuple(grads)
 
-    @step.vjp
-    def step_vjp(primals, cotangents, outputs):
-        _, grads = mx.vjp(lambda *xs: _recurrent_ops(opt, *xs), list(primals), list(cotangents))
-        return tuple(grads)
-
-    return step(q, k, v, g, beta, h0, A_log, dt_bias)
+        _decode_steps[opt.key] = step
+    return _decode_steps[opt.key](q, k, v, g, beta, h0, A_log, dt_bias)
