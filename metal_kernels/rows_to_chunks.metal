@@ -5,8 +5,8 @@
 // and the backward's cotangent of the output (do).
 // Grid (32 * NC * B * HV, 1, 1), threadgroup (32 * rows, 1, 1): one SIMD group per output row
 // (p, b, hv), hv fastest; lane l holds columns l + 32 j.
-// Template: InT, OutT (float, or InT where no precision is lost or, after the L2 norm, as fla keeps
-// it), D, HX (heads of x), HV (output heads, a multiple of HX), C, L2NORM. The sizes that
+// Template: InT, OutT (float, or InT where nothing is lost: v, and k without the L2 norm), D, HX
+// (heads of x), HV (output heads, a multiple of HX), C, L2NORM. The sizes that
 // change from call to call come in `dims` (no new kernel for each sequence length).
 // Inputs: x [B,T,HX,D] InT; src [NC] int32 (the token at padded position p, or -1; NC a multiple of
 // C); scale [1] float32; dims [3] int32: T, B, NC.

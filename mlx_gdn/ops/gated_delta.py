@@ -250,7 +250,8 @@ def _layout_maps(seqs, T, C, packed):
 
 def _chunked(opt, C, seqs, packed, h0, q, k, v, g, beta, A_log, dt_bias):
     """The chunked path from token rows to token rows as one custom function: q, k, v (and the
-    gates) go to chunk.py's chunk-major float32 layout, the output comes back to rows, and the
+    gates) go to chunk.py's chunk-major layout (float32; with the kernels v, and k unless
+    L2-normalised, keep their type), the output comes back to rows, and the
     backward takes the cotangents the same two ways. Only the raw inputs are kept for the backward,
     which lays them out again: not the chunk-major copies, nor the float32 output.
     On Metal/CUDA (q, k, v of one dtype) the layout of q, k, v and of the output is the layout
