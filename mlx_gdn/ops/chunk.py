@@ -189,20 +189,16 @@ class _ChunkPieces:
         C = q.shape[-2]
         self.incl, self.strict = _masks(C)
         self.gamma, self.eg, self.tail, self.decay = fused(_gates)(g)
-        ops = kernels.backend() == "ops"
-        if ops:
+        if kernels.backend() == "ops":
             self.Kt = k * self.tail
-        if kept:
-            self.KKG, self.P, self.Tinv, self.W, self.U = kept
-        elif ops:
-            self.Gam, self.KKG, self.A, self.P = fused(_pieces_before_inverse)(
-                q, k, self.gamma, beta, self.incl, self.strict)
-            self.Tinv = invert_unit_lower(self.A)
-            self.W, self.U = fused(_pieces_after_inverse)(self.Tinv, k, v, beta, self.eg)
-            return
-        else:
-            self.KKG, self.P, self.Tinv, self.W, self.U = kernels.chunk_pieces(
-                q, k, v, self.gamma, beta, all_pieces)
+            if not kept:
+                self.Gam, self.KKG, self.A, self.P = fused(_pieces_before_inverse)(
+                    q, k, self.gamma, beta, self.incl, self.strict)
+                self.Tinv = invert_unit_lower(self.A)
+                self.W, self.U = fused(_pieces_after_inverse)(self.Tinv, k, v, beta, self.eg)
+                return
+        self.KKG, self.P, self.Tinv, self.W, self.U = kept or kernels.chunk_pieces(
+            q, k, v, self.gamma, beta, all_pieces)
         if self.KKG is not None:
             self.Gam, self.A = fused(_gated_from_kernel)(self.gamma, self.KKG, beta, self.incl)
 

@@ -261,10 +261,10 @@ def chunk_pieces(q, k, v, gamma, beta, all_pieces=True):
     lead, C, K, V, launch = _per_chunk_launch(q, v, _pieces_config)
     launch["template"].append(("ALL_PIECES", all_pieces))
     square = (*lead, C, C)
+    unless_all = square if all_pieces else (1,)  # KKG and Tinv: a placeholder, not written
     KKG, P, Tinv, W, U = get_kernel("chunk_pieces", launch["threadgroup"][0])(
         inputs=[q, k, v, gamma, beta],
-        output_shapes=[square if all_pieces else (1,), square, square if all_pieces else (1,),
-                       (*lead, C, K), (*lead, C, V)],
+        output_shapes=[unless_all, square, unless_all, (*lead, C, K), (*lead, C, V)],
         output_dtypes=[mx.float32] * 5, **launch)
     return (KKG, P, Tinv, W, U) if all_pieces else (None, P, None, W, U)
 
