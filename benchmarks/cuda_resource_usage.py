@@ -37,8 +37,7 @@ def _constant(name, value):
 def cuda_source(name, template, types=()):
     template, types = dict(template), dict(types)
     blocks = template.pop("MIN_THREADGROUPS", None)
-    header = metal_kernels.prelude("cuda") + kernels.launch_bounds(
-        name, template.get("THREADS"), None if blocks is None else int(blocks))
+    header = kernels.cuda_header(name, template.get("THREADS"), None if blocks is None else int(blocks))
     inputs, outputs = kernels.SPECS[name]
     consts = "\n".join(_constant(k, v) for k, v in template.items())
     typed = lambda n: types.get(n, "int" if n in INT_INPUTS else "float")

@@ -5,8 +5,8 @@ prelude_cuda.h (CUDA), and the CPU emulator in tests/emulator (CI)."""
 from pathlib import Path
 
 HERE = Path(__file__).parent
-KERNELS = ("decode_step", "chunk_scan", "chunk_scan_mma", "chunk_pieces", "chunk_grads",
-           "rows_to_chunks", "chunks_to_rows")
+KERNELS = ("decode_step", "chunk_scan", "chunk_scan_mma", "chunk_scan_resident", "chunk_pieces",
+           "chunk_grads", "rows_to_chunks", "chunks_to_rows")
 
 
 def source(name):

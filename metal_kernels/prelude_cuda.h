@@ -30,50 +30,109 @@ __device__ inline float simd_sum(float x) {
 }
 #define rsqrt(x) rsqrtf(x)
 
-// SIMD-group 8x8 float matrices (Metal's simdgroup_float8x8) on FP64 tensor cores: one 8x8x8
-// product is two mma.m8n8k4.f64, exact products and sums rounded once to float at the store. A lane
-// keeps the elements it feeds in each operand role (g = lane / 4, t = lane % 4): as the left factor
-// row g, columns t and t + 4; as the right factor rows t and t + 4, column g; as the accumulator row
-// g, columns 2t and 2t + 1. simdgroup_load fills all three and the compiler drops the roles a
-// matrix never plays. A product is only ever an accumulator here: to use it as a factor, store it
-// and load it again (the emulator rejects a product passed as a factor).
+// SIMD-group 8x8 float matrices (Metal's simdgroup_float8x8) on tensor cores. A lane (g = lane / 4,
+// t = lane % 4) keeps row g, columns 2t and 2t + 1 (`c`: the accumulator, and the left factor) and
+// rows 2t and 2t + 1 of column g (`b`: the right factor). The k index of a product is paired the
+// same way on both sides (lane t feeds k = 2t, 2t + 1), so an accumulator is also a left factor as
+// it stands: a product can be multiplied again without a store and load. simdgroup_load fills both
+// roles and the compiler drops the one a matrix never plays; a product is never a right factor (the
+// emulator rejects that).
+// Two ways to multiply, chosen per kernel by the header:
+//   default: FP64 tensor cores (mma.m8n8k4.f64), exact products summed in double and kept double in
+//     the accumulator, rounded to float at the store (and where a product is a factor again);
+//   GDN_MMA_BF16 defined: BF16 tensor cores (mma.m16n8k8.bf16), both factors rounded to bfloat16,
+//     float accumulators: fla's precision for bfloat16 inputs, at many times the FP64 rate. A pair of
+//     8x8 products with one right factor is one 16 x 8 x 8 product.
+#ifdef GDN_MMA_BF16
+typedef float gdn_acc;
+#else
+typedef double gdn_acc;
+#endif
 struct simdgroup_float8x8 {
-  float a[2], b[2];
-  double c[2];
+  float b[2];
+  gdn_acc c[2];
 };
 
 template <typename T, int Cols, int Rows>
 __device__ inline simdgroup_float8x8 make_filled_simdgroup_matrix(T value) {
   simdgroup_float8x8 m;
-  m.a[0] = m.a[1] = m.b[0] = m.b[1] = value;
+  m.b[0] = m.b[1] = value;
   m.c[0] = m.c[1] = value;
   return m;
 }
 
-__device__ inline void simdgroup_load(simdgroup_float8x8& m, const float* src, unsigned long stride) {
+// element (i, j) at src[i * row_stride + j * col_stride]
+__device__ inline void gdn_simdgroup_load(simdgroup_float8x8& m, const float* src, unsigned long row_stride,
+                                          unsigned long col_stride) {
   const uint g = thread_index_in_simdgroup >> 2, t = thread_index_in_simdgroup & 3u;
-  m.a[0] = src[g * stride + t];
-  m.a[1] = src[g * stride + t + 4];
-  m.b[0] = src[t * stride + g];
-  m.b[1] = src[(t + 4) * stride + g];
-  m.c[0] = src[g * stride + 2 * t];
-  m.c[1] = src[g * stride + 2 * t + 1];
+  for (int h = 0; h < 2; ++h) {
+    m.b[h] = src[(2 * t + h) * row_stride + g * col_stride];
+    m.c[h] = src[g * row_stride + (2 * t + h) * col_stride];
+  }
 }
 
-__device__ inline void simdgroup_store(const simdgroup_float8x8& m, float* dst, unsigned long stride) {
+__device__ inline void gdn_simdgroup_store(const simdgroup_float8x8& m, float* dst, unsigned long row_stride,
+                                           unsigned long col_stride) {
   const uint g = thread_index_in_simdgroup >> 2, t = thread_index_in_simdgroup & 3u;
-  dst[g * stride + 2 * t] = (float)m.c[0];
-  dst[g * stride + 2 * t + 1] = (float)m.c[1];
+  for (int h = 0; h < 2; ++h) {
+    dst[g * row_stride + (2 * t + h) * col_stride] = (float)m.c[h];
+  }
+}
+
+__device__ inline void simdgroup_load(simdgroup_float8x8& m, const float* src, unsigned long stride) {
+  gdn_simdgroup_load(m, src, stride, 1);
+}
+__device__ inline void simdgroup_store(const simdgroup_float8x8& m, float* dst, unsigned long stride) {
+  gdn_simdgroup_store(m, dst, stride, 1);
+}
+// the transpose of the 8x8 block at src (element (i, j) = src[j * stride + i]), and its store
+__device__ inline void simdgroup_load_transposed(simdgroup_float8x8& m, const float* src, unsigned long stride) {
+  gdn_simdgroup_load(m, src, 1, stride);
+}
+__device__ inline void simdgroup_store_transposed(const simdgroup_float8x8& m, float* dst,
+                                                  unsigned long stride) {
+  gdn_simdgroup_store(m, dst, 1, stride);
+}
+
+#ifdef GDN_MMA_BF16
+// two floats as a bfloat16 pair, lo in the low half (the lower k index)
+__device__ inline uint gdn_bf16x2(float lo, float hi) {
+  uint r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// d += a b and d2 += a2 b: rows 0-7 and 8-15 of one 16 x 8 x 8 product (A's registers: rows g and
+// g + 8, columns 2t and 2t + 1; B's: rows 2t and 2t + 1, column g)
+__device__ inline void simdgroup_multiply_accumulate_pair(simdgroup_float8x8& d, simdgroup_float8x8& d2,
+                                                          const simdgroup_float8x8& a,
+                                                          const simdgroup_float8x8& a2,
+                                                          const simdgroup_float8x8& b) {
+  const uint a0 = gdn_bf16x2(a.c[0], a.c[1]), a1 = gdn_bf16x2(a2.c[0], a2.c[1]);
+  const uint b0 = gdn_bf16x2(b.b[0], b.b[1]);
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d.c[0]), "+f"(d.c[1]), "+f"(d2.c[0]), "+f"(d2.c[1])
+      : "r"(a0), "r"(a1), "r"(b0));
 }
 
 __device__ inline void simdgroup_multiply_accumulate(simdgroup_float8x8& d, const simdgroup_float8x8& a,
                                                      const simdgroup_float8x8& b,
                                                      const simdgroup_float8x8& c) {
+  simdgroup_float8x8 spare = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+  d.c[0] = c.c[0];
+  d.c[1] = c.c[1];
+  simdgroup_multiply_accumulate_pair(d, spare, a, spare, b);
+}
+#else
+__device__ inline void simdgroup_multiply_accumulate(simdgroup_float8x8& d, const simdgroup_float8x8& a,
+                                                     const simdgroup_float8x8& b,
+                                                     const simdgroup_float8x8& c) {
   double d0 = c.c[0], d1 = c.c[1];
-  for (int half = 0; half < 2; ++half) {
+  for (int h = 0; h < 2; ++h) {  // k = 2t + h: the even k, then the odd
     asm("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
         : "+d"(d0), "+d"(d1)
-        : "d"((double)a.a[half]), "d"((double)b.b[half]));
+        : "d"((double)(float)a.c[h]), "d"((double)b.b[h]));
   }
   d.c[0] = d0;
   d.c[1] = d1;
@@ -87,3 +146,4 @@ __device__ inline void simdgroup_multiply_accumulate_pair(simdgroup_float8x8& d,
   simdgroup_multiply_accumulate(d, a, b, d);
   simdgroup_multiply_accumulate(d2, a2, b, d2);
 }
+#endif

@@ -10,12 +10,14 @@
 //   static_cast between float and the input type (float, bfloat16_t, half); int/uint arithmetic;
 //   simdgroup_float8x8 with make_filled_simdgroup_matrix<float, 8, 8>(v),
 //   simdgroup_load(m, threadgroup pointer, row stride), simdgroup_store(m, pointer, row stride) and
-//   simdgroup_multiply_accumulate(d, a, b, c), called by all 32 lanes; a product may be accumulated
-//   into but is stored and loaded again before it is used as a factor;
+//   simdgroup_load_transposed / simdgroup_store_transposed(m, pointer, row stride) (the transpose of
+//   the 8x8 block there) and simdgroup_multiply_accumulate(d, a, b, c), called by all 32 lanes; a
+//   product may be accumulated into and used as a left factor, but is stored and loaded again before
+//   it is used as a right factor;
 //   simdgroup_multiply_accumulate_pair(d, d2, a, a2, b): d += a b and d2 += a2 b (two 8x8 products
 //   with one right factor, which a prelude may run as one 16 x 8 x 8 product).
-// Metal has all of these natively but make_float4 and the pair; the SIMD-group matrix header needs
-// including.
+// Metal has all of these natively but make_float4, the pair and the transposed names; the SIMD-group
+// matrix header needs including.
 #include <metal_simdgroup_matrix>
 inline float4 make_float4(float x, float y, float z, float w) { return float4(x, y, z, w); }
 inline void simdgroup_multiply_accumulate_pair(thread simdgroup_float8x8& d, thread simdgroup_float8x8& d2,
@@ -24,4 +26,12 @@ inline void simdgroup_multiply_accumulate_pair(thread simdgroup_float8x8& d, thr
                                                const thread simdgroup_float8x8& b) {
   simdgroup_multiply_accumulate(d, a, b, d);
   simdgroup_multiply_accumulate(d2, a2, b, d2);
+}
+template <typename P>
+inline void simdgroup_load_transposed(thread simdgroup_float8x8& m, P src, ulong stride) {
+  simdgroup_load(m, src, stride, ulong2(0, 0), true);
+}
+template <typename P>
+inline void simdgroup_store_transposed(const thread simdgroup_float8x8& m, P dst, ulong stride) {
+  simdgroup_store(m, dst, stride, ulong2(0, 0), true);
 }

@@ -9,9 +9,10 @@ from mlx_gdn.ops import chunk, gated_delta, kernels
 from reference import rms_rel
 
 
-def check_scans(N, B, HV, C, K, V, segments, tol=1e-5, k_dtype=mx.float32):
+def check_scans(N, B, HV, C, K, V, segments, tol=1e-5, k_dtype=mx.float32, bf16_products=False):
     """Both kernel scans (forward, reverse), which read k (in k_dtype) and gamma, against the ops
-    scans of chunk.py, which read Kt = k e^{gamma_C - gamma} and decay = e^{gamma_C}."""
+    scans of chunk.py, which read Kt = k e^{gamma_C - gamma} and decay = e^{gamma_C}; bf16_products
+    as the op passes it for bfloat16 inputs."""
     segments = segments or ((0, N),)
     S = len(segments)
     rng = np.random.default_rng(N * K + V)
@@ -22,13 +23,13 @@ def check_scans(N, B, HV, C, K, V, segments, tol=1e-5, k_dtype=mx.float32):
     Kt = k.astype(mx.float32) * tail
     h0 = r(S * B, HV, K, V)
     ref = chunk._scan_forward(W, U, Kt, decay, h0, segments)
-    got = kernels.scan_forward(W, U, k, gamma, h0, segments)
+    got = kernels.scan_forward(W, U, k, gamma, h0, segments, bf16_products)
     for name, a, b in zip(("states", "v_new", "h_final"), ref, got):
         assert rms_rel(np.array(a), np.array(b)) <= tol, name
 
     PdO, QdO, dhT = r(N * B, HV, C, V), r(N * B, HV, K, V), r(S * B, HV, K, V)
     ref = chunk._scan_backward(PdO, QdO, Kt, W, decay, dhT, segments)
-    got = kernels.scan_backward(PdO, QdO, k, W, gamma, dhT, segments)
+    got = kernels.scan_backward(PdO, QdO, k, W, gamma, dhT, segments, bf16_products)
     for name, a, b in zip(("du", "dh_next", "dh0"), ref, got):
         assert rms_rel(np.array(a), np.array(b)) <= tol, name
 

@@ -41,12 +41,15 @@ def test_chunk_with_kernels_matches_oracle(B, T, H, HV, D, cu):
     assert rms_rel(ro, np.array(o)) <= FP32_TOL and rms_rel(rs, np.array(s)) <= FP32_TOL
 
 
-@pytest.mark.parametrize("scan", ["mma", "simt"])
+@pytest.mark.parametrize("scan", ["mma", "simt", "resident", "resident-bf16"])
 @pytest.mark.parametrize("N,HV,K,V,segments", [(40, 4, 128, 128, None), (12, 3, 200, 400, None),
-                                               (9, 2, 100, 60, ((0, 3), (3, 9)))])
+                                               (9, 2, 100, 60, ((0, 3), (3, 9))),
+                                               (9, 2, 96, 48, ((0, 3), (3, 9)))])
 def test_scan_kernels_match_ops_scans(monkeypatch, scan, N, HV, K, V, segments):
-    monkeypatch.setattr(kernels, "SCAN_KERNEL", scan)
-    check_scans(N, 1, HV, 64, K, V, segments, FP32_TOL)
+    # resident-bf16: bfloat16 factors (tensor cores on CUDA), at a tolerance to match
+    monkeypatch.setattr(kernels, "SCAN_KERNEL", scan.split("-")[0])
+    bf16 = scan.endswith("bf16")
+    check_scans(N, 1, HV, 64, K, V, segments, 1e-2 if bf16 else FP32_TOL, bf16_products=bf16)
 
 
 @pytest.mark.parametrize("M,C,K,V", [(64, 64, 128, 128), (27, 64, 200, 400), (18, 32, 100, 60),
@@ -67,8 +70,10 @@ def test_layout_kernels_match_ops(B, T, H, HV, D, C, cu, l2norm, dtype):
     check_layout(B, T, H, HV, D, C, cu, l2norm, dtype, FP32_TOL)
 
 
-def test_simdgroup_matrix_prelude():
-    # the 8x8 products of the prelude (FP64 tensor cores on CUDA) from padded threadgroup rows
+@pytest.mark.parametrize("bf16", [False, True])
+def test_simdgroup_matrix_prelude(bf16):
+    # the 8x8 products of the prelude (CUDA: FP64 tensor cores, or BF16 ones) from padded
+    # threadgroup rows; a product as a left factor; transposed loads and stores
     body = """
     threadgroup float a_s[8 * 12];
     threadgroup float b_s[8 * 24];
@@ -81,20 +86,34 @@ def test_simdgroup_matrix_prelude():
     simdgroup_load(c, &b_s[0], 24);
     simdgroup_multiply_accumulate(c, a, b, c);
     simdgroup_multiply_accumulate(c, a, b, c);
+    simdgroup_float8x8 d = make_filled_simdgroup_matrix<float, 8, 8>(0.0f), d2 = d, at;
+    simdgroup_load_transposed(at, &a_s[0], 12);
+    simdgroup_multiply_accumulate_pair(d, d2, c, b, at);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     simdgroup_store(c, &b_s[0], 24);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     for (uint e = tid; e < 64; e += 32) { out[e] = b_s[e / 8 * 24 + e % 8]; }
+    simdgroup_store_transposed(d, &cat[0], 8);
+    simdgroup_store(d2, &cat[64], 8);
     """
     import metal_kernels
     factory = mx.fast.cuda_kernel if kernels.backend() == "cuda" else mx.fast.metal_kernel
-    kern = factory(name="simdgroup_probe", input_names=["x", "y"], output_names=["out"], source=body,
-                   header=metal_kernels.prelude(kernels.backend()))
+    bf16 = bf16 and kernels.backend() == "cuda"  # Metal multiplies float matrices in float
+    header = (kernels.BF16_PRODUCTS if bf16 else "") + metal_kernels.prelude(kernels.backend())
+    kern = factory(name=kernels.text_named("simdgroup_probe", header), input_names=["x", "y"],
+                   output_names=["out", "cat"], source=body, header=header)
     rng = np.random.default_rng(0)
     x, y = (rng.standard_normal((8, 8)).astype(np.float32) for _ in range(2))
-    out = kern(inputs=[mx.array(x), mx.array(y)], output_shapes=[(8, 8)], output_dtypes=[mx.float32],
-               grid=(32, 1, 1), threadgroup=(32, 1, 1))[0]
-    np.testing.assert_allclose(np.array(out), y + 2 * (x.astype(np.float64) @ y), rtol=1e-5, atol=1e-5)
+    out, cat = kern(inputs=[mx.array(x), mx.array(y)], output_shapes=[(8, 8), (128,)],
+                    output_dtypes=[mx.float32] * 2, grid=(32, 1, 1), threadgroup=(32, 1, 1))
+    # the factors as the mode rounds them (exact products of those, float sums)
+    f = (lambda a: np.array(mx.array(a).astype(mx.bfloat16).astype(mx.float32), np.float64)) if bf16 \
+        else (lambda a: np.asarray(a, np.float64))
+    c = y + 2 * (f(x) @ f(y))
+    np.testing.assert_allclose(np.array(out), c, rtol=1e-5, atol=1e-5)
+    cat = np.array(cat)
+    np.testing.assert_allclose(cat[:64].reshape(8, 8), (f(c.astype(np.float32)) @ f(x).T).T, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(cat[64:].reshape(8, 8), f(y) @ f(x).T, rtol=1e-5, atol=1e-5)
 
 
 def grads(data, dtype=mx.float32, **kw):
@@ -138,7 +157,10 @@ def test_compiled_training_step_with_kernels_matches_ops_path():
         assert rms_rel(np.array(want[name]), np.array(g)) <= 1e-4, name
 
 
-def test_bf16_grads_at_fla_tolerances():
+@pytest.mark.parametrize("scan", ["auto", "resident"])
+def test_bf16_grads_at_fla_tolerances(monkeypatch, scan):
+    # resident: the resident scan, with bfloat16 products for these bfloat16 inputs (fla's precision)
+    monkeypatch.setattr(kernels, "SCAN_KERNEL", scan)
     data = make_inputs(3, 1, 300, 2, 4, 128, mask_p=0.3, h0=True)
     rounded = {n: (x if n == "initial_state" else np.array(mx.array(x).astype(mx.bfloat16).astype(mx.float32)))
                for n, x in data.items()}
@@ -176,9 +198,10 @@ def _fla():
     return torch, ops
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_forward_matches_fla_chunk(dtype):
+@pytest.mark.parametrize("dtype,scan", [("float32", "auto"), ("bfloat16", "auto"), ("bfloat16", "resident")])
+def test_forward_matches_fla_chunk(monkeypatch, dtype, scan):
     torch, fla_ops = _fla()
+    monkeypatch.setattr(kernels, "SCAN_KERNEL", scan)
     data = make_inputs(7, 2, 1000, 4, 8, 128, mask_p=0.2, h0=True, unit_k=False)
     tdt = getattr(torch, dtype)
     t = {n: torch.tensor(x, device="cuda") for n, x in data.items()}

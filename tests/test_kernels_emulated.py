@@ -86,7 +86,71 @@ def test_mma_scan_kernels_match_ops(emulated, monkeypatch, N, B, HV, C, K, V, se
     check_scans(N, B, HV, C, K, V, segments)
 
 
-@pytest.mark.parametrize("scan", ["simt", "mma"])
+RESIDENT_SCAN_CASES = [
+    # N, B, HV, C, K, V, segments, (SIMD groups at most, threadgroup bytes, padded strides)
+    (3, 2, 2, 16, 32, 32, None, (4, 32768, False)),    # two SIMD groups (V = 32), one stage a side
+    (4, 1, 3, 16, 24, 48, None, (4, 32768, True)),     # K = 24; V = 48: three 16-column blocks, one group
+    (5, 1, 2, 32, 64, 64, ((0, 1), (1, 4), (4, 5)), (4, 32768, True)),  # varlen, 4 SIMD groups
+    (2, 1, 1, 64, 128, 32, None, (4, 49152, True)),    # the GPU shape's K and C: 2 stages of 32 rows
+    (2, 1, 2, 64, 128, 16, None, (1, 32768, False)),   # one SIMD group: 8-row stages (registers)
+    (3, 2, 1, 24, 40, 16, ((0, 2), (2, 3)), (2, 32768, False)),  # C = 24; varlen
+]
+
+
+def spy_kernels(monkeypatch):
+    """The names of the kernels get_kernel hands out from now on, with their bf16_products."""
+    used = []
+    get_kernel = kernels.get_kernel
+    monkeypatch.setattr(kernels, "get_kernel",
+                        lambda name, *a: used.append((name, bool(a[1:] and a[1]))) or get_kernel(name, *a))
+    return used
+
+
+@pytest.mark.parametrize("N,B,HV,C,K,V,segments,config", RESIDENT_SCAN_CASES)
+def test_resident_scan_kernels_match_ops(emulated, monkeypatch, N, B, HV, C, K, V, segments, config):
+    groups, limit, padded = config
+    monkeypatch.setattr(kernels, "SCAN_KERNEL", "resident")
+    monkeypatch.setattr(kernels, "RESIDENT_SCAN_GROUPS", groups)
+    monkeypatch.setitem(kernels.THREADGROUP_BYTES, "emulated", limit)
+    monkeypatch.setitem(kernels.PADDED_STRIDES, "emulated", padded)
+    used = spy_kernels(monkeypatch)
+    check_scans(N, B, HV, C, K, V, segments)
+    assert set(used) == {("chunk_scan_resident", False)}
+
+
+@pytest.mark.parametrize("N,B,HV,C,K,V,segments,config", RESIDENT_SCAN_CASES[2:4])
+def test_resident_scan_with_bf16_products(emulated, monkeypatch, N, B, HV, C, K, V, segments, config):
+    # factors rounded to bfloat16 (GDN_MMA_BF16, as the CUDA prelude's BF16 tensor cores): ~3e-3
+    groups, limit, padded = config
+    monkeypatch.setattr(kernels, "SCAN_KERNEL", "resident")
+    monkeypatch.setattr(kernels, "RESIDENT_SCAN_GROUPS", groups)
+    monkeypatch.setitem(kernels.THREADGROUP_BYTES, "emulated", limit)
+    used = spy_kernels(monkeypatch)
+    check_scans(N, B, HV, C, K, V, segments, 1e-2, bf16_products=True)
+    assert set(used) == {("chunk_scan_resident", True)}
+    with pytest.raises(AssertionError):  # the rounding shows: not the float products
+        check_scans(N, B, HV, C, K, V, segments, 1e-4, bf16_products=True)
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+def test_auto_scan_takes_bf16_products_for_bf16_inputs(emulated, monkeypatch, dtype):
+    # SCAN_KERNEL "auto": the resident scan with bfloat16 products for bfloat16 inputs where the
+    # backend has them and the grid is large enough; the SIMT scan for other inputs
+    monkeypatch.setattr(kernels, "RESIDENT_BF16", {"emulated"})
+    monkeypatch.setattr(kernels, "RESIDENT_MIN_GROUPS", 4)
+    used = spy_kernels(monkeypatch)
+    data = make_inputs(0, 1, 40, 1, 2, 32, h0=True)
+    ro, rs = gated_delta_reference(**data)
+    xs = {n: mx.array(x) if n == "initial_state" else mx.array(x).astype(dtype) for n, x in data.items()}
+    o, s = gated_delta_rule(**xs, chunk_size=16, mode="chunk", output_final_state=True)
+    scans = {u for u in used if u[0].startswith("chunk_scan")}
+    bf16 = dtype == mx.bfloat16
+    assert scans == ({("chunk_scan_resident", True)} if bf16 else {("chunk_scan", False)})
+    tol = 2e-2 if bf16 else FP32_TOL
+    assert rms_rel(ro, np.array(o.astype(mx.float32))) <= tol and rms_rel(rs, np.array(s)) <= tol
+
+
+@pytest.mark.parametrize("scan", ["simt", "mma", "resident"])
 def test_scans_read_k_in_its_input_type(emulated, monkeypatch, scan):
     # k in bfloat16, as the layout leaves it for bf16 inputs; the ops scan gets the same values
     monkeypatch.setattr(kernels, "SCAN_KERNEL", scan)
@@ -372,8 +436,9 @@ def test_emulator_reports_barrier_divergence():
              grid=(2, 1, 1), threadgroup=(2, 1, 1))
 
 
-def test_emulator_rejects_a_product_as_a_factor():
-    # the CUDA prelude keeps a product only as an accumulator: it must be stored and loaded first
+def test_emulator_rejects_a_product_as_a_right_factor():
+    # the CUDA prelude keeps a product only as an accumulator (= left factor): it must be stored and
+    # loaded before it is a right factor
     body = """
     threadgroup float m[64];
     m[thread_position_in_threadgroup.x] = 1.0f;
@@ -382,11 +447,12 @@ def test_emulator_rejects_a_product_as_a_factor():
     simdgroup_float8x8 a, p = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     simdgroup_load(a, &m[0], 8);
     simdgroup_multiply_accumulate(p, a, a, p);
-    simdgroup_multiply_accumulate(p, p, a, p);
+    simdgroup_multiply_accumulate(p, p, a, p);  // a left factor: allowed
+    simdgroup_multiply_accumulate(p, a, p, p);
     simdgroup_store(p, &out[0], 8);
     """
     kern = EmulatedKernel("product_probe", ["x"], ["out"], body)
-    with pytest.raises(RuntimeError, match="product used as a factor"):
+    with pytest.raises(RuntimeError, match="product used as a right factor"):
         kern(inputs=[mx.zeros((1,))], output_shapes=[(64,)], output_dtypes=[mx.float32],
              grid=(32, 1, 1), threadgroup=(32, 1, 1))
 

@@ -247,7 +247,8 @@ def _forward_block(q, k, v, g, beta, h0, segments, keep=False):
     if kernels.backend() == "ops":
         states, u, hT = _scan_forward(pc.W, pc.U, pc.Kt, pc.decay, h0, segments)
     else:
-        states, u, hT = kernels.scan_forward(pc.W, pc.U, k, pc.gamma, h0, segments)
+        states, u, hT = kernels.scan_forward(pc.W, pc.U, k, pc.gamma, h0, segments,
+                                             v.dtype == mx.bfloat16)
     o = fused(_output)(q, pc.eg, states, pc.P, u)
     return (o, hT, states, u) + (tuple(getattr(pc, name) for name in pc.KEPT) if keep else ())
 
@@ -264,7 +265,8 @@ def _backward_block(q, k, v, g, beta, do, dhT, states, u, segments, kept=()):
     pc = _ChunkPieces(q, k, v, g, beta, kept)
     Qg, PdO, QdO = fused(_scan_backward_inputs)(q, pc.eg, pc.P, do)
     if kernels.backend() != "ops":
-        du, dh_next, dh0 = kernels.scan_backward(PdO, QdO, k, pc.W, pc.gamma, dhT, segments)
+        du, dh_next, dh0 = kernels.scan_backward(PdO, QdO, k, pc.W, pc.gamma, dhT, segments,
+                                                 v.dtype == mx.bfloat16)
         return _backward_after_scan_kernel(q, k, v, beta, do, states, u, du, dh_next, pc) + (dh0,)
     du, dh_next, dh0 = _scan_backward(PdO, QdO, pc.Kt, pc.W, pc.decay, dhT, segments)
     return tuple(fused(_backward_after_scan)(

@@ -20,6 +20,7 @@ SPECS = {
                     ["o", "state_out"]),
     "chunk_scan": _SCAN_IO,  # the SIMT and the SIMD-group-matrix scans take the same arguments
     "chunk_scan_mma": _SCAN_IO,
+    "chunk_scan_resident": _SCAN_IO,
     "chunk_pieces": (["q", "k", "v", "gamma", "beta"], ["KKG", "P", "T", "W", "U"]),
     "chunk_grads": (["q", "k", "v", "dout", "u", "du", "du_h", "dKt", "dQg", "T", "W", "U", "KKG", "P",
                      "gamma", "beta", "dchunk"], ["dq", "dk", "dv", "dg", "dbeta"]),
@@ -45,8 +46,19 @@ THREADGROUP_BYTES = {"metal": 32768, "cuda": 49152}  # Metal's limit; CUDA's for
 # 4.5 (the 8x8 scan's rows do not fit 48 KB there). Twelfth session, forward + reverse at 512 threads,
 # (1, 8192, 16), (4, 4096, 16), (8, 2048, 32) with K = V = 128: simt 1.87 / 2.48 / 4.53 ms, mma (8x8
 # products in pairs) 2.26 / 4.20 / 8.15, and with a TF32 prelude still 2.00 / 3.76 / 7.26.
-SCAN_KERNEL = "simt"
+# "resident" (chunk_scan_resident.metal: each SIMD group keeps 16 value columns of the state in 8x8
+# matrices for the whole scan; K a multiple of 8, V of 16). "auto": the resident scan where the
+# inputs are bfloat16, the backend multiplies 8x8 matrices in bfloat16 (RESIDENT_BF16) and the grid
+# has RESIDENT_MIN_GROUPS SIMD groups; the SIMT scan elsewhere. H100, fourteenth session, forward +
+# reverse scan at K = V = 128: with float products (FP64 or TF32 x 3 tensor cores) the resident scan
+# was no faster than the SIMT one (4.6-6.1 ms against 2.2 at (1, 8192, 16); 4.9-5.7 against 5.05 at
+# (8, 2048, 32)), with BF16 products 2.6 and 2.9.
+SCAN_KERNEL = "auto"
 MMA_SCAN_THREADS = 512
+RESIDENT_SCAN_GROUPS = 8  # SIMD groups (16 value columns each) a threadgroup, at most
+RESIDENT_STAGED_PER_THREAD = 32  # staged floats a thread holds ahead, at most (registers)
+RESIDENT_BF16 = {"cuda"}
+RESIDENT_MIN_GROUPS = 512
 PADDED_STRIDES = {"cuda": True}  # threadgroup arrays padded against CUDA's shared-memory bank conflicts
 # CUDA: threadgroups an SM that a kernel's registers must leave room for (its __launch_bounds__).
 # mx.fast.cuda_kernel writes no attributes, so the header redefines __global__ for that kernel.
@@ -81,28 +93,40 @@ def use_factory(name, factory):
         _override = previous
 
 
-def get_kernel(name, threads=None):
+def get_kernel(name, threads=None, bf16_products=False):
     """The kernel `name` for the current backend; `threads`, the threadgroup size it will be launched
-    with, is needed where CUDA_MIN_THREADGROUPS names the kernel."""
+    with, is needed where CUDA_MIN_THREADGROUPS names the kernel. bf16_products: its 8x8 matrix
+    products take bfloat16 factors (GDN_MMA_BF16: the CUDA prelude and the emulator; Metal's
+    multiply in float)."""
     which = backend()
     if which == "ops":
         raise RuntimeError("no kernel backend: Metal and CUDA are unavailable (or MLX_GDN_BACKEND=ops)")
     bounds = launch_bounds(name, threads) if which == "cuda" and _override is None else ""
-    key = (which, name, id(_override[1]) if _override else None, bounds)
+    key = (which, name, id(_override[1]) if _override else None, bounds, bf16_products)
     if key not in _compiled:
         inputs, outputs = SPECS[name]
         if _override is not None:
-            factory, header = _override[1], ""
+            factory, header = _override[1], BF16_PRODUCTS if bf16_products else ""
         elif which == "metal":
             factory, header = mx.fast.metal_kernel, metal_kernels.prelude("metal")
         else:
-            factory, header = mx.fast.cuda_kernel, metal_kernels.prelude("cuda") + bounds
+            factory, header = mx.fast.cuda_kernel, cuda_header(name, threads, bf16_products=bf16_products)
         source = metal_kernels.source(name)
         if which in ("metal", "cuda"):
             name = text_named(name, header + source)
         _compiled[key] = factory(name=name, input_names=inputs, output_names=outputs,
                                  source=source, header=header)
     return _compiled[key]
+
+
+BF16_PRODUCTS = "#define GDN_MMA_BF16\n"
+
+
+def cuda_header(name, threads, blocks=None, bf16_products=False):
+    """The CUDA header of kernel `name`: its multiply mode, the prelude, and its launch bounds
+    (launch_bounds)."""
+    mode = BF16_PRODUCTS if bf16_products else ""
+    return mode + metal_kernels.prelude("cuda") + launch_bounds(name, threads, blocks)
 
 
 def launch_bounds(name, threads, blocks=None):
@@ -183,9 +207,32 @@ def _mma_scan_config(K, C, threads, limit, padded):
     raise ValueError(f"chunk_scan_mma: K = {K} does not fit {limit} bytes of threadgroup memory")
 
 
-def _scan(A, X, Bm, Y, gamma, h_in, segments, reverse):
+def _resident_scan_config(K, C, V, limit, padded):
+    """chunk_scan_resident.metal's (threads, value columns, template values), or None where it does
+    not apply (K not a multiple of 8, V of 16, or no stage fits): the most SIMD groups up to
+    RESIDENT_SCAN_GROUPS that divide V's 16-column blocks, then the most rows a stage that fit
+    `limit` bytes (two stages and the diagonals) and RESIDENT_STAGED_PER_THREAD (or else the
+    fewest). Padded strides: the A rows, read transposed, two lanes a bank; the B rows one."""
+    if K % 8 or V % 16:
+        return None
+    groups = RESIDENT_SCAN_GROUPS
+    while (V // 16) % groups:
+        groups //= 2
+    threads = 32 * groups
+    ast, bst = (K + 8, K + 4) if padded else (K, K)
+    fitting = [rows for rows in range(8, C + 1, 8)
+               if C % rows == 0 and 4 * (2 * rows * max(ast, bst) + (C // 8 + 2) * 64) <= limit]
+    if not fitting:
+        return None
+    held = [rows for rows in fitting if rows * K <= RESIDENT_STAGED_PER_THREAD * threads]
+    rows = max(held) if held else min(fitting)
+    return threads, 16 * groups, (("CB", rows), ("AST", ast), ("BST", bst))
+
+
+def _scan(A, X, Bm, Y, gamma, h_in, segments, reverse, bf16_products):
     """The chunk_scan kernel on chunk-major arrays [N * B, HV, ...] (k, not Kt: Bm forward, A
-    backward); returns (states, x_new, h_out)."""
+    backward); returns (states, x_new, h_out). bf16_products: the inputs were bfloat16, and where
+    SCAN_KERNEL picks the resident scan its products may be too (as fla's)."""
     NB, HV, C, K = A.shape
     V = X.shape[-1]
     S = len(segments)
@@ -193,7 +240,13 @@ def _scan(A, X, Bm, Y, gamma, h_in, segments, reverse):
     N, R = NB // B, B * HV
     # more staged rows a step where the runner allows (fewer barriers)
     limit, padded = _threadgroup_memory()
-    if SCAN_KERNEL == "mma":
+    wanted = SCAN_KERNEL == "resident" or (
+        SCAN_KERNEL == "auto" and bf16_products and backend() in RESIDENT_BF16
+        and R * V // 16 >= RESIDENT_MIN_GROUPS)
+    in_registers = wanted and _resident_scan_config(K, C, V, limit, padded)
+    if in_registers:
+        name, (threads, tile, extra) = "chunk_scan_resident", in_registers
+    elif SCAN_KERNEL == "mma":
         name, threads = "chunk_scan_mma", MMA_SCAN_THREADS
         tile, rows, extra = _mma_scan_config(K, C, threads, limit, padded)
     else:
@@ -202,11 +255,11 @@ def _scan(A, X, Bm, Y, gamma, h_in, segments, reverse):
         wide = resident is not None and R * -(-V // SCAN_TILE) > resident
         tile, rows = _scan_tiles(K, C, threads, limit, 2 * SCAN_TILE if wide else SCAN_TILE)
     has_y = Y is not None
-    states, x_new, h_out = get_kernel(name, threads)(
+    states, x_new, h_out = get_kernel(name, threads, bool(in_registers and bf16_products))(
         inputs=[A, X, Bm, Y if has_y else mx.zeros((1,)), gamma.reshape(N, R, C), h_in,
                 *_scan_flags(segments, N, reverse), mx.array([N, R], dtype=mx.int32)],
-        template=[("K", K), ("V", V), ("C", C), ("THREADS", threads), ("BV", tile), ("CB", rows),
-                  ("REVERSE", reverse), ("HAS_Y", has_y), *extra],
+        template=[("K", K), ("V", V), ("C", C), ("THREADS", threads), ("REVERSE", reverse),
+                  ("HAS_Y", has_y), *(() if in_registers else (("BV", tile), ("CB", rows))), *extra],
         grid=(threads, -(-V // tile), R), threadgroup=(threads, 1, 1),
         output_shapes=[(N, R, K, V), (N, R, C, V), (S * R, K, V)],
         output_dtypes=[mx.float32] * 3)
@@ -214,15 +267,17 @@ def _scan(A, X, Bm, Y, gamma, h_in, segments, reverse):
             h_out.reshape(S * B, HV, K, V))
 
 
-def scan_forward(W, U, k, gamma, h0, segments):
+def scan_forward(W, U, k, gamma, h0, segments, bf16_products=False):
     """Kernel twin of chunk._scan_forward (same results), from k (any float type) and gamma instead
-    of Kt = k e^{gamma_C - gamma} and decay = e^{gamma_C}: the kernel scales in place."""
-    return _scan(W, U, k, None, gamma, h0, segments, reverse=False)
+    of Kt = k e^{gamma_C - gamma} and decay = e^{gamma_C}: the kernel scales in place.
+    bf16_products: the op's inputs were bfloat16 (see _scan)."""
+    return _scan(W, U, k, None, gamma, h0, segments, False, bf16_products)
 
 
-def scan_backward(PdO, QdO, k, W, gamma, dhT, segments):
-    """Kernel twin of chunk._scan_backward (same results), k and gamma as in scan_forward."""
-    dh_next, du, dh0 = _scan(k, PdO, W, QdO, gamma, dhT, segments, reverse=True)
+def scan_backward(PdO, QdO, k, W, gamma, dhT, segments, bf16_products=False):
+    """Kernel twin of chunk._scan_backward (same results), k, gamma, bf16_products as in
+    scan_forward."""
+    dh_next, du, dh0 = _scan(k, PdO, W, QdO, gamma, dhT, segments, True, bf16_products)
     return du, dh_next, dh0
 
 

@@ -49,7 +49,7 @@ class EmulatedKernel:
         self._libs = {}
 
     def _code(self, in_dtypes, out_dtypes, template):
-        lines = ['#include "shim.h"', self.header, "namespace kern {"]
+        lines = [self.header, '#include "shim.h"', "namespace kern {"]  # the header: mode macros
         for n, dt in zip(self.input_names, in_dtypes):
             lines.append(f"static const {C_TYPES[dt]}* {n};")
         for n, dt in zip(self.output_names, out_dtypes):

@@ -126,8 +126,8 @@ inline float simd_sum(float x) {
   return f->simd_value;
 }
 
-// SIMD-group 8x8 float matrices. `product` marks the result of a multiply: the CUDA prelude holds a
-// product only in the accumulator role, so using one as a factor is reported as an error.
+// SIMD-group 8x8 float matrices. `product` marks the result of a multiply: the CUDA prelude keeps a
+// product in the accumulator (= left factor) role only, so using one as a right factor is an error.
 struct simdgroup_float8x8 {
   float e[64];
   bool product = false;
@@ -146,22 +146,42 @@ inline void simdgroup_load(simdgroup_float8x8& m, const float* src, unsigned lon
   m.product = false;
 }
 
+inline void simdgroup_load_transposed(simdgroup_float8x8& m, const float* src, unsigned long stride) {
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) m.e[i * 8 + j] = src[j * stride + i];
+  m.product = false;
+}
+
 inline void simdgroup_store(const simdgroup_float8x8& m, float* dst, unsigned long stride) {
   const uint lane = emu::launch_state()->current->index % 32u, row = lane / 4, col = 2 * (lane % 4);
   dst[row * stride + col] = m.e[row * 8 + col];
   dst[row * stride + col + 1] = m.e[row * 8 + col + 1];
 }
 
+inline void simdgroup_store_transposed(const simdgroup_float8x8& m, float* dst, unsigned long stride) {
+  const uint lane = emu::launch_state()->current->index % 32u, row = lane / 4, col = 2 * (lane % 4);
+  dst[col * stride + row] = m.e[row * 8 + col];
+  dst[(col + 1) * stride + row] = m.e[row * 8 + col + 1];
+}
+
+// GDN_MMA_BF16 (defined ahead of this file by the kernel's header): factors rounded to bfloat16, as
+// the CUDA prelude's BF16 mode multiplies
+#ifdef GDN_MMA_BF16
+inline float gdn_factor(float x) { return static_cast<float>(bfloat16_t(x)); }
+#else
+inline float gdn_factor(float x) { return x; }
+#endif
+
 inline void simdgroup_multiply_accumulate(simdgroup_float8x8& d, const simdgroup_float8x8& a,
                                           const simdgroup_float8x8& b,
                                           const simdgroup_float8x8& c) {
-  if (a.product || b.product) emu::fail("a SIMD-group product used as a factor (store and load it first)");
+  if (b.product) emu::fail("a SIMD-group product used as a right factor (store and load it first)");
   simd_sum(0.0f);  // every lane of the SIMD group must take part
   simdgroup_float8x8 r;
   for (int i = 0; i < 8; ++i)
     for (int j = 0; j < 8; ++j) {
       float acc = c.e[i * 8 + j];
-      for (int k = 0; k < 8; ++k) acc = std::fma(a.e[i * 8 + k], b.e[k * 8 + j], acc);
+      for (int k = 0; k < 8; ++k) acc = std::fma(gdn_factor(a.e[i * 8 + k]), gdn_factor(b.e[k * 8 + j]), acc);
       r.e[i * 8 + j] = acc;
     }
   r.product = true;
