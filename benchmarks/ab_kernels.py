@@ -31,7 +31,7 @@ def inputs(kernel, B, T, H, K, V, C=64):
     mx.random.seed(0)
     M = T // C * B
     r = lambda *s, scale=1.0: mx.random.normal(s) * scale
-    if kernel in ("chunk_scan", "chunk_scan_mma"):
+    if kernel.startswith("chunk_scan"):
         xs = (r(M, H, C, K, scale=0.05), r(M, H, C, V), r(M, H, C, K, scale=0.05),
               -mx.cumsum(mx.full((M, H, C, 1), 0.002), axis=-2), r(B, H, K, V),
               r(M, H, K, V, scale=0.01))
@@ -52,7 +52,7 @@ def inputs(kernel, B, T, H, K, V, C=64):
 
 def workload(kernel, xs, T, C=64):
     """The kernel's calls on xs: a function returning every output."""
-    if kernel in ("chunk_scan", "chunk_scan_mma"):
+    if kernel.startswith("chunk_scan"):
         W, U, k, gamma, h0, QdO = xs
         segments = ((0, T // C),)
         return lambda: (*kernels.scan_forward(W, U, k, gamma, h0, segments),
@@ -72,7 +72,8 @@ def timed(fn, runs):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("kernel", choices=["chunk_scan", "chunk_scan_mma", "chunk_pieces", "chunk_grads"])
+    p.add_argument("kernel", choices=["chunk_scan", "chunk_scan_mma", "chunk_scan_resident", "chunk_pieces",
+                                      "chunk_grads"])
     p.add_argument("--body", nargs="*", default=[], help="variant kernel bodies (.metal files)")
     p.add_argument("--prelude", nargs="*", default=[], help="variant CUDA preludes (.h files)")
     p.add_argument("--shapes", nargs="*", default=["1,8192,16,128x128", "4,4096,16,128x128",
@@ -89,7 +90,7 @@ def main():
     variants |= {f"body:{Path(f).name}": (Path(f).read_text(), None) for f in args.body}
     variants |= {f"prelude:{Path(f).name}": (None, Path(f).read_text()) for f in args.prelude}
     if args.kernel.startswith("chunk_scan"):
-        kernels.SCAN_KERNEL = "mma" if args.kernel == "chunk_scan_mma" else "simt"
+        kernels.SCAN_KERNEL = {"chunk_scan_mma": "mma", "chunk_scan_resident": "resident"}.get(args.kernel, "simt")
         if args.threads:
             kernels.SCAN_THREADS = kernels.MMA_SCAN_THREADS = args.threads
     if args.emulate:

@@ -8,7 +8,8 @@ SM has 65,536 registers and 228 KB of shared memory).
         BV=16 CB=32 KS=4 REVERSE=false HAS_Y=false AST=132 BST=36 HST=24
 
 The kernel's launch bounds are those kernels.CUDA_MIN_THREADGROUPS gives it (THREADS threads);
-MIN_THREADGROUPS=N sets them instead (0: none). Buffers are float (int for indices) unless typed as
+MIN_THREADGROUPS=N sets them instead (0: none); BF16_PRODUCTS=true compiles the BF16 multiply
+mode (kernels.get_kernel's bf16_products). Buffers are float (int for indices) unless typed as
 NAME:TYPE, e.g. k:__nv_bfloat16 (the type MLX passes a bfloat16 array as).
 """
 
@@ -37,7 +38,9 @@ def _constant(name, value):
 def cuda_source(name, template, types=()):
     template, types = dict(template), dict(types)
     blocks = template.pop("MIN_THREADGROUPS", None)
-    header = kernels.cuda_header(name, template.get("THREADS"), None if blocks is None else int(blocks))
+    bf16_products = template.pop("BF16_PRODUCTS", "false") == "true"
+    header = kernels.cuda_header(name, template.get("THREADS"), None if blocks is None else int(blocks),
+                                 bf16_products)
     inputs, outputs = kernels.SPECS[name]
     consts = "\n".join(_constant(k, v) for k, v in template.items())
     typed = lambda n: types.get(n, "int" if n in INT_INPUTS else "float")

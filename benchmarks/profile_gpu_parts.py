@@ -22,8 +22,10 @@ time_mlx = functools.partial(time_each, pipelined=True)
 from mlx_gdn.ops import chunk, gated_delta, kernels
 
 
-# (kernel, value columns, threads)
-SCAN_CONFIGS = [("mma", 16, 512), ("mma", 16, 256), ("simt", 16, 512), ("simt", 16, 256)]
+# (kernel, value columns, threads); the resident scan's are its own (kernels.RESIDENT_SCAN_GROUPS)
+SCAN_CONFIGS = [("mma", 16, 512), ("mma", 16, 256), ("simt", 16, 512), ("simt", 16, 256),
+                ("resident", 128, 256)]
+BF16 = True  # the inputs are bfloat16, so the op passes the scans bf16_products
 
 
 def shaped_inputs(B, T, H, K, V):
@@ -77,15 +79,15 @@ def parts(B, T, H, K, V, C=64):
         kernels.SCAN_THREADS = kernels.MMA_SCAN_THREADS = threads
         name = f"{kernel}_{tile}x{threads}"
         out[f"scan_fwd_{name}_ms"] = guarded(lambda: time_mlx(
-            lambda: kernels.scan_forward(pc.W, pc.U, ck, pc.gamma, h0, seg)))
+            lambda: kernels.scan_forward(pc.W, pc.U, ck, pc.gamma, h0, seg, BF16)))
         out[f"scan_bwd_{name}_ms"] = guarded(lambda: time_mlx(lambda: kernels.scan_backward(
-            pc.U, QdO, ck, pc.W, pc.gamma, h0, seg)))
+            pc.U, QdO, ck, pc.W, pc.gamma, h0, seg, BF16)))
         if isinstance(out[f"scan_fwd_{name}_ms"], float) and isinstance(out[f"scan_bwd_{name}_ms"], float):
             both[name] = out[f"scan_fwd_{name}_ms"] + out[f"scan_bwd_{name}_ms"]
     out["best_scan"] = min(both, key=both.get) if both else None
     kernels.SCAN_KERNEL, kernels.SCAN_TILE, kernels.SCAN_THREADS, kernels.MMA_SCAN_THREADS = default
     kernels.SCAN_RESIDENT = resident
-    states, u, _ = kernels.scan_forward(pc.W, pc.U, ck, pc.gamma, h0, seg)
+    states, u, _ = kernels.scan_forward(pc.W, pc.U, ck, pc.gamma, h0, seg, BF16)
     mx.eval(states, u)
     out["output_ms"] = time_mlx(lambda: chunk.fused(chunk._output)(cq, pc.eg, states, pc.P, u))
     addmm = lambda q, eg, states, P, u: mx.addmm(P @ u, q * eg, states)  # the sum in the GEMM
@@ -99,8 +101,8 @@ def parts(B, T, H, K, V, C=64):
     do = mx.random.normal(u.shape)
     Qg, PdO, QdO = chunk.fused(chunk._scan_backward_inputs)(cq, pc.eg, pc.P, do)
     out["bwd_scan_inputs_ms"] = time_mlx(lambda: chunk.fused(chunk._scan_backward_inputs)(cq, pc.eg, pc.P, do))
-    out["bwd_scan_ms"] = time_mlx(lambda: kernels.scan_backward(PdO, QdO, ck, pc.W, pc.gamma, h0, seg))
-    du, dh_next, _ = kernels.scan_backward(PdO, QdO, ck, pc.W, pc.gamma, h0, seg)
+    out["bwd_scan_ms"] = time_mlx(lambda: kernels.scan_backward(PdO, QdO, ck, pc.W, pc.gamma, h0, seg, BF16))
+    du, dh_next, _ = kernels.scan_backward(PdO, QdO, ck, pc.W, pc.gamma, h0, seg, BF16)
     args = (cq, ck, cv, cb, do, states, u, du, dh_next, Qg, pc.incl, pc.strict, pc.Gam, pc.eg, pc.tail,
             pc.decay, pc.KKG, pc.A, pc.P, pc.Tinv, pc.W, pc.U, ck * pc.tail)
     mx.eval(args)
