@@ -13,7 +13,9 @@
 // with s = -1 forward, +1 backward folded into the staged rows (exact). Element-wise scalings are
 // products with 8x8 diagonal matrices (staged once a chunk), so the bodies need no per-lane element
 // access. The scan runs over chunks in order (REVERSE: from the last), restarting from h_in where
-// seg_start[n] >= 0 and writing h_out where seg_end[n] >= 0 (flags already in scan order).
+// seg_start[n] >= 0 and writing h_out where seg_end[n] >= 0 (flags already in scan order). For
+// bfloat16 inputs on CUDA the header defines GDN_MMA_BF16: the products' factors are rounded to
+// bfloat16 (tensor cores), as fla's scan rounds W, h, k and x; sums stay float.
 //
 // Grid (THREADS, V / BV, R), threadgroup (THREADS, 1, 1), BV = 16 x (THREADS / 32): one threadgroup
 // per (row r = b * HV + head, tile of BV value columns). A chunk is 2 x C / CB stages of CB rows:
