@@ -91,7 +91,7 @@ RESIDENT_SCAN_CASES = [
     (3, 2, 2, 16, 32, 32, None, (4, 32768, False)),    # two SIMD groups (V = 32), one stage a side
     (4, 1, 3, 16, 24, 48, None, (4, 32768, True)),     # K = 24; V = 48: three 16-column blocks, one group
     (5, 1, 2, 32, 64, 64, ((0, 1), (1, 4), (4, 5)), (4, 32768, True)),  # varlen, 4 SIMD groups
-    (2, 1, 1, 64, 128, 32, None, (4, 49152, True)),    # the GPU shape's K and C: 2 stages of 32 rows
+    (2, 1, 1, 64, 128, 64, None, (4, 49152, True)),    # the GPU shape's K and C: 2 stages of 32 rows
     (2, 1, 2, 64, 128, 16, None, (1, 32768, False)),   # one SIMD group: 8-row stages (registers)
     (3, 2, 1, 24, 40, 16, ((0, 2), (2, 3)), (2, 32768, False)),  # C = 24; varlen
 ]
