@@ -106,13 +106,17 @@ def spy_kernels(monkeypatch):
     return used
 
 
-@pytest.mark.parametrize("N,B,HV,C,K,V,segments,config", RESIDENT_SCAN_CASES)
-def test_resident_scan_kernels_match_ops(emulated, monkeypatch, N, B, HV, C, K, V, segments, config):
-    groups, limit, padded = config
+def resident_scan_config(monkeypatch, groups, limit, padded):
+    """The resident scan forced, with its SIMD groups, threadgroup memory and padding for the emulator."""
     monkeypatch.setattr(kernels, "SCAN_KERNEL", "resident")
     monkeypatch.setattr(kernels, "RESIDENT_SCAN_GROUPS", groups)
     monkeypatch.setitem(kernels.THREADGROUP_BYTES, "emulated", limit)
     monkeypatch.setitem(kernels.PADDED_STRIDES, "emulated", padded)
+
+
+@pytest.mark.parametrize("N,B,HV,C,K,V,segments,config", RESIDENT_SCAN_CASES)
+def test_resident_scan_kernels_match_ops(emulated, monkeypatch, N, B, HV, C, K, V, segments, config):
+    resident_scan_config(monkeypatch, *config)
     used = spy_kernels(monkeypatch)
     check_scans(N, B, HV, C, K, V, segments)
     assert set(used) == {("chunk_scan_resident", False)}
@@ -121,10 +125,7 @@ def test_resident_scan_kernels_match_ops(emulated, monkeypatch, N, B, HV, C, K, 
 @pytest.mark.parametrize("N,B,HV,C,K,V,segments,config", RESIDENT_SCAN_CASES[2:4])
 def test_resident_scan_with_bf16_products(emulated, monkeypatch, N, B, HV, C, K, V, segments, config):
     # factors rounded to bfloat16 (GDN_MMA_BF16, as the CUDA prelude's BF16 tensor cores): ~3e-3
-    groups, limit, padded = config
-    monkeypatch.setattr(kernels, "SCAN_KERNEL", "resident")
-    monkeypatch.setattr(kernels, "RESIDENT_SCAN_GROUPS", groups)
-    monkeypatch.setitem(kernels.THREADGROUP_BYTES, "emulated", limit)
+    resident_scan_config(monkeypatch, *config)
     used = spy_kernels(monkeypatch)
     check_scans(N, B, HV, C, K, V, segments, 1e-2, bf16_products=True)
     assert set(used) == {("chunk_scan_resident", True)}

@@ -257,8 +257,8 @@ def _scan(A, X, Bm, Y, gamma, h_in, segments, reverse, bf16_products):
         tile, rows, extra = _mma_scan_config(K, C, threads, limit, padded)
     else:
         name, threads, extra = "chunk_scan", SCAN_THREADS, ()
-        resident = SCAN_RESIDENT.get(backend())
-        wide = resident is not None and R * -(-V // SCAN_TILE) > resident
+        at_once = SCAN_RESIDENT.get(backend())  # threadgroups that run at once
+        wide = at_once is not None and R * -(-V // SCAN_TILE) > at_once
         tile, rows = _scan_tiles(K, C, threads, limit, 2 * SCAN_TILE if wide else SCAN_TILE)
     has_y = Y is not None
     states, x_new, h_out = get_kernel(name, threads, bool(in_registers and bf16_products))(
