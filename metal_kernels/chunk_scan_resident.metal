@@ -8,7 +8,8 @@
 // state transposed, h^T (16 x K), in 2 x K/8 SIMD-group 8x8 matrices for the whole scan: the state
 // never goes through threadgroup memory and SIMD groups share nothing but the staged rows of A and
 // B. Transposed, both directions are three products a chunk, each with a left factor in registers:
-//   P^T = h^T (s A)^T;   x^T = X^T + P^T D   (forward D = I, backward D = diag(tail));
+//   P^T = h^T (s A)^T;   x^T = X^T + P^T D   (forward D = I: the products sum onto X^T;
+//   backward D = diag(tail));
 //   x'^T = x^T diag(tail) forward, x^T backward;   h^T = h^T (decay I) + Y^T + x'^T (-s B)
 // with s = -1 forward, +1 backward folded into the staged rows (exact). Element-wise scalings are
 // products with 8x8 diagonal matrices (staged once a chunk), so the bodies need no per-lane element
@@ -21,10 +22,11 @@
 // per (row r = b * HV + head, tile of BV value columns). A chunk is 2 x C / CB stages of CB rows:
 // first the rows of A (x for those rows), then those of B (the update). Stages are double-buffered
 // in threadgroup memory: the next stage is stored while the current one computes, and the one after
-// is fetched into registers, so one barrier a stage suffices and global latency stays off the
-// sequential path.
+// is fetched into registers (as loaded: nothing waits on those loads for a stage), so one barrier a
+// stage suffices; an A stage's X tiles are loaded a stage ahead. A load the sequential path waits
+// for stalls every SIMD group (ncu: most of this kernel's time before these prefetches).
 // Template: K, V, C, THREADS (a multiple of 32), CB (a multiple of 8 dividing C), REVERSE, HAS_Y,
-// and the staged rows' strides AST (A, read transposed) and BST (B), each >= K (padded on CUDA
+// AT and BT (the types of A and Bm), and the staged rows' strides AST (A, read transposed) and BST (B), each >= K (padded on CUDA
 // against bank conflicts).
 // Inputs: A, Bm [N,R,C,K] (k: Bm forward, A backward, in any float type); X [N,R,C,V]; Y [N,R,K,V]
 // (read only if HAS_Y); gamma [N,R,C]; h_in [S*R,K,V]; seg_start, seg_end [N] int32; dims [2] int32:
@@ -41,15 +43,15 @@ constexpr int LPT = (CB * K + THREADS - 1) / THREADS;  // staged elements per th
 constexpr int GPT = (C + THREADS - 1) / THREADS;       // gamma values per thread
 constexpr float SIGN = REVERSE ? 1.0f : -1.0f;
 threadgroup float m_s[2 * CB * ST];
-threadgroup float d_s[(CT + 2) * 64];  // diag(tail) of each 8-row tile, then decay I, then I
+threadgroup float d_s[(CT + 1) * 64];  // diag(tail) of each 8-row tile, then decay I
 const int N = dims[0], R = dims[1];
 const uint tid = thread_position_in_threadgroup.x;
 const int sg = (int)simdgroup_index_in_threadgroup;
 const uint r = threadgroup_position_in_grid.z;
 const int v0 = (int)threadgroup_position_in_grid.y * BV + 16 * sg;  // the SIMD group's first column
 const int total = N * 2 * STAGES;
-for (int e = (int)tid; e < (CT + 2) * 64; e += THREADS) {
-  d_s[e] = e >= (CT + 1) * 64 && e % 64 % 9 == 0 ? 1.0f : 0.0f;
+for (int e = (int)tid; e < (CT + 1) * 64; e += THREADS) {
+  d_s[e] = 0.0f;
 }
 simdgroup_float8x8 h[KB], h2[KB];   // h^T, rows (value columns) v0 ... v0 + 7 (h), v0 + 8 ... (h2)
 simdgroup_float8x8 xs[CT], xs2[CT];  // the chunk's x'^T, kept for the update
@@ -59,8 +61,14 @@ for (int kb = 0; kb < KB; ++kb) {
   h[kb] = zero;
   h2[kb] = zero;
 }
-float staged[LPT], gam[GPT];  // the stage after next (and its chunk's gamma), fetched ahead
+AT raw_a[LPT];  // the stage after next, as loaded: converted and signed only when stored, so that
+BT raw_b[LPT];  // no instruction waits on the loads before the next stage (rows of A, or of B)
+float gam[GPT];  // and its chunk's gamma
 float glast = 0.0f;
+// the next stage's X tiles and (a chunk's first stage) restart flag, loaded a stage ahead: on the
+// sequential path, a load that waits is a stall of every SIMD group
+simdgroup_float8x8 xn[JT], xn2[JT];
+int start_next = -1;
 threadgroup_barrier(mem_flags::mem_threadgroup);
 // stage q = (step, s) of the scan, q = step * 2 STAGES + s; the first pass (step -1) only stages
 for (int step = -1; step < N; ++step) {
@@ -69,16 +77,29 @@ for (int step = -1; step < N; ++step) {
 #pragma unroll
   for (int s = 0; s < 2 * STAGES; ++s) {
     const int q = step * 2 * STAGES + s;
+    // an A stage's products accumulate on X forward (D = I); backward X is added after the diag(tail)
+    // product. Taken from the prefetched tiles before the next stage's overwrite them.
+    simdgroup_float8x8 acc[JT], acc2[JT], xc[JT], xc2[JT];
+    if (s < STAGES) {
+#pragma unroll
+      for (int j = 0; j < JT; ++j) {
+        acc[j] = REVERSE ? zero : xn[j];
+        acc2[j] = REVERSE ? zero : xn2[j];
+        xc[j] = xn[j];
+        xc2[j] = xn2[j];
+      }
+    }
     if (q + 1 >= 0 && q + 1 < total) {
-      // the fetched stage q + 1 into buffer (q + 1) % 2, whose last readers (stage q - 1) are done;
+      // the fetched stage q + 1 into buffer (s + 1) % 2, whose last readers (stage q - 1) are done;
       // with a chunk's first stage its diagonals (read only by A stages, and not by stage q: the
       // last of the chunk before, or none)
-      const int fs = (q + 1) % (2 * STAGES);
+      const int fs = (s + 1) % (2 * STAGES);
       const int stride = fs < STAGES ? AST : BST;
       for (int p = 0; p < LPT; ++p) {
         const int e = (int)tid + THREADS * p;
         if (e < CB * K) {
-          m_s[(q + 1) % 2 * CB * ST + e / K * stride + e % K] = staged[p];
+          m_s[(s + 1) % 2 * CB * ST + e / K * stride + e % K] =
+              fs < STAGES ? SIGN * static_cast<float>(raw_a[p]) : -SIGN * static_cast<float>(raw_b[p]);
         }
       }
       if (fs == 0) {
@@ -92,18 +113,34 @@ for (int step = -1; step < N; ++step) {
           d_s[CT * 64 + tid * 9] = exp(glast);
         }
       }
+      if (fs < STAGES) {  // an A stage next: its X tiles (and restart flag)
+        const int nn = fs == 0 ? (REVERSE ? n - 1 : n + 1) : n;
+        const int jc0 = fs * JT;
+#pragma unroll
+        for (int j = 0; j < JT; ++j) {
+          const uint xo = (((uint)(nn * R + r)) * C + (jc0 + j) * 8) * V + v0;
+          simdgroup_load_transposed(xn[j], &X[xo], V);
+          simdgroup_load_transposed(xn2[j], &X[xo + 8], V);
+        }
+        if (fs == 0) {
+          start_next = seg_start[nn];
+        }
+      }
     }
     if (q + 2 >= 0 && q + 2 < total) {
-      // stage q + 2 into registers: rows of A (s < STAGES, times s) or of B (times -s), with a
-      // chunk's first stage its gamma
-      const int fs = (q + 2) % (2 * STAGES), fstep = (q + 2) / (2 * STAGES);
+      // stage q + 2 into registers: rows of A or of B, with a chunk's first stage its gamma
+      const int fs = (s + 2) % (2 * STAGES), fstep = step + (s + 2) / (2 * STAGES);
       const int fn = REVERSE ? N - 1 - fstep : fstep;
       const uint base = ((uint)(fn * R + r) * C + fs % STAGES * CB) * K;
       for (int p = 0; p < LPT; ++p) {
         const int e = (int)tid + THREADS * p;
-        staged[p] = e >= CB * K ? 0.0f
-                    : fs < STAGES ? SIGN * static_cast<float>(A[base + e])
-                                  : -SIGN * static_cast<float>(Bm[base + e]);
+        if (e < CB * K) {
+          if (fs < STAGES) {
+            raw_a[p] = A[base + e];
+          } else {
+            raw_b[p] = Bm[base + e];
+          }
+        }
       }
       if (fs == 0) {
         const uint g_at = (uint)(fn * R + r) * C;
@@ -120,10 +157,10 @@ for (int step = -1; step < N; ++step) {
     }
     if (s < STAGES) {
       if (s == 0) {  // the chunk's entering state: restarted from h_in, written to states
-        if (seg_start[n] >= 0) {
+        if (start_next >= 0) {
 #pragma unroll
           for (int kb = 0; kb < KB; ++kb) {
-            const uint at = ((uint)(seg_start[n] * R + r) * K + kb * 8) * V + v0;
+            const uint at = ((uint)(start_next * R + r) * K + kb * 8) * V + v0;
             simdgroup_load_transposed(h[kb], &h_in[at], V);
             simdgroup_load_transposed(h2[kb], &h_in[at + 8], V);
           }
@@ -136,18 +173,12 @@ for (int step = -1; step < N; ++step) {
         }
       }
       // P^T for the stage's JT tiles of 8 rows, h^T's k blocks outermost (each multiplies JT times)
-      simdgroup_float8x8 acc[JT], acc2[JT];
-#pragma unroll
-      for (int j = 0; j < JT; ++j) {
-        acc[j] = zero;
-        acc2[j] = zero;
-      }
 #pragma unroll
       for (int kb = 0; kb < KB; ++kb) {
 #pragma unroll
         for (int j = 0; j < JT; ++j) {
           simdgroup_float8x8 at;
-          simdgroup_load_transposed(at, &m_s[q % 2 * CB * ST + j * 8 * AST + kb * 8], AST);
+          simdgroup_load_transposed(at, &m_s[s % 2 * CB * ST + j * 8 * AST + kb * 8], AST);
           simdgroup_multiply_accumulate_pair(acc[j], acc2[j], h[kb], h2[kb], at);
         }
       }
@@ -155,21 +186,20 @@ for (int step = -1; step < N; ++step) {
       for (int j = 0; j < JT; ++j) {
         const int jc = s * JT + j;  // the tile's place in the chunk
         const uint xo = (nr * C + jc * 8) * V + v0;
-        simdgroup_float8x8 x, x2, dm;
-        simdgroup_load_transposed(x, &X[xo], V);
-        simdgroup_load_transposed(x2, &X[xo + 8], V);
-        simdgroup_load(dm, &d_s[(REVERSE ? jc : CT + 1) * 64], 8);
-        simdgroup_multiply_accumulate_pair(x, x2, acc[j], acc2[j], dm);
-        simdgroup_store_transposed(x, &x_new[xo], V);
-        simdgroup_store_transposed(x2, &x_new[xo + 8], V);
+        simdgroup_float8x8 dm;
+        simdgroup_load(dm, &d_s[jc * 64], 8);
         if (REVERSE) {
-          xs[jc] = x;
-          xs2[jc] = x2;
+          simdgroup_multiply_accumulate_pair(xc[j], xc2[j], acc[j], acc2[j], dm);
+          simdgroup_store_transposed(xc[j], &x_new[xo], V);
+          simdgroup_store_transposed(xc2[j], &x_new[xo + 8], V);
+          xs[jc] = xc[j];
+          xs2[jc] = xc2[j];
         } else {
-          simdgroup_load(dm, &d_s[jc * 64], 8);
+          simdgroup_store_transposed(acc[j], &x_new[xo], V);
+          simdgroup_store_transposed(acc2[j], &x_new[xo + 8], V);
           xs[jc] = zero;
           xs2[jc] = zero;
-          simdgroup_multiply_accumulate_pair(xs[jc], xs2[jc], x, x2, dm);
+          simdgroup_multiply_accumulate_pair(xs[jc], xs2[jc], acc[j], acc2[j], dm);
         }
       }
       if (s == STAGES - 1) {  // every product with the old state is done: h = decay h + Y
@@ -190,19 +220,20 @@ for (int step = -1; step < N; ++step) {
       }
     } else {
       const int sb = s - STAGES;
+      const int end_at = s == 2 * STAGES - 1 ? seg_end[n] : -1;  // read ahead of the products
 #pragma unroll
       for (int j = 0; j < JT; ++j) {  // each tile of x'^T multiplies KB times
 #pragma unroll
         for (int kb = 0; kb < KB; ++kb) {
           simdgroup_float8x8 b;
-          simdgroup_load(b, &m_s[q % 2 * CB * ST + j * 8 * BST + kb * 8], BST);
+          simdgroup_load(b, &m_s[s % 2 * CB * ST + j * 8 * BST + kb * 8], BST);
           simdgroup_multiply_accumulate_pair(h[kb], h2[kb], xs[sb * JT + j], xs2[sb * JT + j], b);
         }
       }
-      if (s == 2 * STAGES - 1 && seg_end[n] >= 0) {
+      if (end_at >= 0) {
 #pragma unroll
         for (int kb = 0; kb < KB; ++kb) {
-          const uint at = ((uint)(seg_end[n] * R + r) * K + kb * 8) * V + v0;
+          const uint at = ((uint)(end_at * R + r) * K + kb * 8) * V + v0;
           simdgroup_store_transposed(h[kb], &h_out[at], V);
           simdgroup_store_transposed(h2[kb], &h_out[at + 8], V);
         }

@@ -227,7 +227,7 @@ def _resident_scan_config(K, C, V, limit, padded):
     threads = 32 * groups
     ast, bst = (K + 8, K + 4) if padded else (K, K)
     fitting = [rows for rows in range(8, C + 1, 8)
-               if C % rows == 0 and 4 * (2 * rows * max(ast, bst) + (C // 8 + 2) * 64) <= limit]
+               if C % rows == 0 and 4 * (2 * rows * max(ast, bst) + (C // 8 + 1) * 64) <= limit]
     if not fitting:
         return None
     held = [rows for rows in fitting if rows * K <= RESIDENT_STAGED_PER_THREAD * threads]
@@ -252,6 +252,7 @@ def _scan(A, X, Bm, Y, gamma, h_in, segments, reverse, bf16_products):
     in_registers = wanted and _resident_scan_config(K, C, V, limit, padded)
     if in_registers:
         name, (threads, tile, extra) = "chunk_scan_resident", in_registers
+        extra += (("AT", A.dtype), ("BT", Bm.dtype))
     elif SCAN_KERNEL == "mma":
         name, threads = "chunk_scan_mma", MMA_SCAN_THREADS
         tile, rows, extra = _mma_scan_config(K, C, threads, limit, padded)
