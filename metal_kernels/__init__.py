@@ -6,7 +6,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 KERNELS = ("decode_step", "chunk_scan", "chunk_scan_mma", "chunk_scan_resident", "chunk_pieces",
-           "chunk_grads", "rows_to_chunks", "chunks_to_rows")
+           "chunk_output", "chunk_grads", "rows_to_chunks", "chunks_to_rows")
 
 
 def source(name):

@@ -1,4 +1,4 @@
-// Chunk-major float32 rows back to token rows, the inverse layout of rows_to_chunks.metal and its
+// Chunk-major rows back to token rows, the inverse layout of rows_to_chunks.metal and its
 // VJP: out[b, t, hx, :] = mul * sum over the HV / HX heads hv of head hx of y[(n * B + b), hv, c, :]
 // with n * C + c = dst[t] (the token's padded position). Plain (mul = scale) it is the forward's
 // output layout and the cotangent of v; with L2NORM it is the VJP of the L2 norm and scale applied
@@ -7,7 +7,7 @@
 // (b, t, hx), hx fastest; lane l holds columns l + 32 j.
 // Template: OutT, XT, D, HX, HV (a multiple of HX), C, L2NORM. The sizes that change from call to
 // call come in `dims` (no new kernel for each sequence length).
-// Inputs: y [N * B, HV, C, D] float32; x [B,T,HX,D] XT (read with L2NORM only); dst [T] int32;
+// Inputs: y [N * B, HV, C, D] (float32, or the output's type from chunk_output.metal); x [B,T,HX,D] XT (read with L2NORM only); dst [T] int32;
 // scale [1] float32; dims [2] int32: T, B. Output: out [B,T,HX,D] OutT.
 constexpr int ND = (D + 31) / 32;
 constexpr int G = HV / HX;
@@ -29,7 +29,7 @@ for (int i = 0; i < G; ++i) {
   const uint y_at = (((p / C * B + b) * HV + hx * G + i) * C + p % C) * D;
   for (int j = 0; j < ND; ++j) {
     const uint d = lane + 32 * j;
-    s[j] += d < D ? y[y_at + d] : 0.0f;
+    s[j] += d < D ? static_cast<float>(y[y_at + d]) : 0.0f;
   }
 }
 const float mul = scale[0];

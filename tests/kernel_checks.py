@@ -66,6 +66,25 @@ def check_pieces(M, C, K, V, tol=1e-5, dtype=mx.float32):
         assert np.array_equal(np.array(getattr(got, name)), np.array(getattr(forward, name))), name
 
 
+def check_output(M, C, K, V, dtype=mx.float32, bf16_products=False, tol=1e-5):
+    """The output kernel (chunk_output, forced) against chunk._output (float32 GEMMs) and a float64
+    oracle: o = diag(e^gamma) q S + P u, written in dtype; bf16_products as the op passes it."""
+    rng = np.random.default_rng(M * C + K + V)
+    r = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    q, S, u = r(M, 1, C, K) / np.sqrt(K), r(M, 1, K, V), r(M, 1, C, V)
+    P = np.tril(r(M, 1, C, C)) / np.sqrt(C)
+    g = -rng.uniform(0.0, 0.2, (M, 1, C, 1)).astype(np.float32)
+    gamma = np.cumsum(g, axis=-2)
+    oracle = np.exp(gamma.astype(np.float64)) * (q.astype(np.float64) @ S) + P.astype(np.float64) @ u
+    xs = [mx.array(x) for x in (q, S, P, u, gamma)]
+    ref = chunk._output(xs[0], mx.exp(xs[4]), xs[1], xs[2], xs[3])
+    got = kernels.chunk_output(*xs, dtype, bf16_products)
+    assert got is not None and got.dtype == dtype and got.shape == (M, 1, C, V)
+    got = np.array(got.astype(mx.float32))
+    assert rms_rel(oracle, np.array(ref)) <= 1e-5
+    assert rms_rel(oracle, got) <= tol and rms_rel(np.array(ref), got) <= tol
+
+
 def check_layout(B, T, H, HV, D, C, cu_seqlens, l2norm, dtype, tol=1e-5):
     """The layout kernels (rows_to_chunks, chunks_to_rows), each as the other's VJP, against the ops
     layout (gated_delta._to_chunks / _from_chunks after the L2 norm, scale and head repeat) and its

@@ -49,13 +49,17 @@ def test_cuda_resource_usage_compiles_every_chunk_kernel():
              ("chunk_scan", "K=200 V=400 C=64 THREADS=256 BV=16 CB=16 REVERSE=false HAS_Y=false"),
              ("chunk_scan", f"K=128 V=128 C=64 THREADS=256 BV=32 CB=16 REVERSE=true HAS_Y=true A:{bf16}"),
              ("chunk_scan_resident", "K=128 V=128 C=64 THREADS=256 CB=32 AST=136 BST=132 REVERSE=true "
-                                     f"HAS_Y=true A:{bf16}"),
+                                     f"HAS_Y=true A:{bf16} AT={bf16} BT=float"),
              ("chunk_scan_resident", "K=128 V=128 C=64 THREADS=256 CB=32 AST=136 BST=132 REVERSE=false "
-                                     f"HAS_Y=false Bm:{bf16} BF16_PRODUCTS=true"),
+                                     f"HAS_Y=false Bm:{bf16} AT=float BT={bf16} BF16_PRODUCTS=true"),
+             ("chunk_output", "K=104 V=48 C=64 THREADS=96 OutT=float KS=32 SST=52 QST=36 OST=52 PST=68"),
+             ("chunk_output", f"K=128 V=128 C=64 THREADS=256 OutT={bf16} o:{bf16} BF16_PRODUCTS=true "
+                              "KS=32 SST=132 QST=36 OST=132 PST=68"),
              ("chunk_grads", f"K=100 V=60 C=64 THREADS=256 KC=16 CS=68 TS=68 k:{bf16} v:{bf16}"),
              ("rows_to_chunks", "InT=float OutT=float D=100 HX=2 HV=4 C=64 L2NORM=true"),
              ("rows_to_chunks", f"InT={bf16} OutT={bf16} x:{bf16} y:{bf16} D=128 HX=2 HV=4 C=64 L2NORM=false"),
-             ("chunks_to_rows", "OutT=float XT=float D=100 HX=2 HV=4 C=64 L2NORM=true")]
+             ("chunks_to_rows", "OutT=float XT=float D=100 HX=2 HV=4 C=64 L2NORM=true"),
+             ("chunks_to_rows", f"OutT={bf16} XT={bf16} y:{bf16} out:{bf16} D=128 HX=2 HV=4 C=64 L2NORM=false")]
     for name, template in cases:
         run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cuda_resource_usage.py"), name,
                               *template.split()], capture_output=True, text=True, timeout=300)

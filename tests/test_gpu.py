@@ -16,7 +16,7 @@ import pytest
 
 from mlx_gdn.ops import gated_delta_rule, kernels  # noqa: E402
 from reference import assert_close, gated_delta_reference, make_inputs, rms_rel
-from kernel_checks import check_grads, check_layout, check_pieces, check_scans
+from kernel_checks import check_grads, check_layout, check_output, check_pieces, check_scans
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(kernels.backend() not in ("metal", "cuda"),
@@ -56,6 +56,18 @@ def test_scan_kernels_match_ops_scans(monkeypatch, scan, N, HV, K, V, segments):
                                      (10, 16, 64, 32)])
 def test_chunk_pieces_kernel_matches_ops(M, C, K, V):
     check_pieces(M, C, K, V, FP32_TOL)
+
+
+@pytest.mark.parametrize("products", ["float", "bf16"])
+@pytest.mark.parametrize("M,C,K,V,dtype", [(64, 64, 128, 128, "bfloat16"), (18, 32, 96, 48, "float32"),
+                                           (10, 16, 64, 32, "bfloat16")])
+def test_chunk_output_kernel_matches_ops(monkeypatch, products, M, C, K, V, dtype):
+    # float: FP64 tensor cores (exact products); bf16: factors rounded to bfloat16, as the op runs
+    # it for bfloat16 inputs
+    monkeypatch.setattr(kernels, "OUTPUT_KERNEL", "kernel")
+    bf16 = products == "bf16"
+    tol = 1e-2 if bf16 else (FP32_TOL if dtype == "float32" else 4e-3)
+    check_output(M, C, K, V, getattr(mx, dtype), bf16, tol)
 
 
 @pytest.mark.parametrize("M,C,K,V", [(64, 64, 128, 128), (27, 64, 200, 400), (18, 32, 100, 60)])

@@ -14,7 +14,7 @@ from mlx_gdn.models import Model, ModelArgs, PRESETS
 from mlx_gdn.ops import chunk, gated_delta, gated_delta_rule, kernels
 from mlx_gdn.train import loss_fn
 from reference import assert_close, gated_delta_reference, make_inputs, rms_rel
-from kernel_checks import check_grads, check_layout, check_pieces, check_scans
+from kernel_checks import check_grads, check_layout, check_output, check_pieces, check_scans
 
 FP32_TOL = 1e-5
 
@@ -134,10 +134,10 @@ def test_resident_scan_with_bf16_products(emulated, monkeypatch, N, B, HV, C, K,
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
-def test_auto_scan_takes_bf16_products_for_bf16_inputs(emulated, monkeypatch, dtype):
+def test_auto_kernels_take_bf16_products_for_bf16_inputs(emulated, monkeypatch, dtype):
     # SCAN_KERNEL "auto": the resident scan with bfloat16 products for bfloat16 inputs where the
     # backend has them and the grid is large enough; the SIMT scan for other inputs
-    monkeypatch.setattr(kernels, "RESIDENT_BF16", {"emulated"})
+    monkeypatch.setattr(kernels, "BF16_PRODUCT_BACKENDS", {"emulated"})
     monkeypatch.setattr(kernels, "RESIDENT_MIN_GROUPS", 4)
     used = spy_kernels(monkeypatch)
     data = make_inputs(0, 1, 40, 1, 2, 32, h0=True)
@@ -147,6 +147,7 @@ def test_auto_scan_takes_bf16_products_for_bf16_inputs(emulated, monkeypatch, dt
     scans = {u for u in used if u[0].startswith("chunk_scan")}
     bf16 = dtype == mx.bfloat16
     assert scans == ({("chunk_scan_resident", True)} if bf16 else {("chunk_scan", False)})
+    assert (("chunk_output", True) in used) == bf16  # and the output kernel, BF16 too
     tol = 2e-2 if bf16 else FP32_TOL
     assert rms_rel(ro, np.array(o.astype(mx.float32))) <= tol and rms_rel(rs, np.array(s)) <= tol
 
@@ -179,6 +180,40 @@ def chunk_kernel_config(monkeypatch, threads, limit, padded):
 def test_chunk_pieces_kernel_matches_ops(emulated, monkeypatch, M, C, K, V, config):
     chunk_kernel_config(monkeypatch, *config)
     check_pieces(M, C, K, V)
+
+
+OUTPUT_CASES = [
+    # M, C, K, V, output type, (stage rows, padded strides)
+    (3, 16, 32, 32, mx.float32, (32, False)),   # two SIMD groups, one stage
+    (2, 32, 24, 48, mx.bfloat16, (8, True)),    # K = 24: three stages; three SIMD groups; bfloat16
+    (2, 64, 40, 16, mx.float32, (32, True)),    # the GPU shape's C, one SIMD group; stages of 32 and 8
+]
+
+
+@pytest.mark.parametrize("M,C,K,V,dtype,config", OUTPUT_CASES)
+def test_chunk_output_kernel_matches_ops(emulated, monkeypatch, M, C, K, V, dtype, config):
+    monkeypatch.setattr(kernels, "OUTPUT_KERNEL", "kernel")
+    monkeypatch.setattr(kernels, "OUTPUT_STAGE_ROWS", config[0])
+    monkeypatch.setitem(kernels.PADDED_STRIDES, "emulated", config[1])
+    check_output(M, C, K, V, dtype, tol=FP32_TOL if dtype == mx.float32 else 4e-3)
+
+
+def test_chunk_output_with_bf16_products(emulated, monkeypatch):
+    # factors rounded to bfloat16 (GDN_MMA_BF16), as for the op's bfloat16 inputs on CUDA
+    monkeypatch.setattr(kernels, "OUTPUT_KERNEL", "kernel")
+    check_output(2, 32, 24, 48, mx.bfloat16, bf16_products=True, tol=1e-2)
+    with pytest.raises(AssertionError):  # the rounding shows: not the float products
+        check_output(2, 32, 24, 48, mx.float32, bf16_products=True, tol=1e-4)
+
+
+def test_output_kernel_only_where_asked(emulated, monkeypatch):
+    # OUTPUT_KERNEL "auto": the kernel where products may be bfloat16; GEMMs (None) elsewhere
+    monkeypatch.setattr(kernels, "BF16_PRODUCT_BACKENDS", {"emulated"})
+    xs = [mx.zeros(s) for s in ((1, 1, 16, 8), (1, 1, 8, 16), (1, 1, 16, 16), (1, 1, 16, 16), (1, 1, 16, 1))]
+    assert kernels.chunk_output(*xs, mx.float32, False) is None
+    assert kernels.chunk_output(*xs, mx.bfloat16, True) is not None
+    monkeypatch.setattr(kernels, "OUTPUT_KERNEL", "gemm")
+    assert kernels.chunk_output(*xs, mx.bfloat16, True) is None
 
 
 GRADS_CASES = [

@@ -17,7 +17,7 @@ occupy consecutive chunks; the scans restart at each segment's first chunk. Both
 blocks of BLOCK_TOKENS (forward) / BACKWARD_BLOCK_TOKENS tokens, the scan state carried between
 blocks, to bound memory at long T.
 On Metal/CUDA the chunk pieces, the two scans and the backward's work after the reverse scan are
-kernels of metal_kernels/ (see kernels.py). gated_delta.py pairs chunk_forward and chunk_backward in
+kernels of metal_kernels/ (see kernels.py), and the output where kernels.chunk_output takes it. gated_delta.py pairs chunk_forward and chunk_backward in
 one custom function over token rows.
 """
 
@@ -240,16 +240,20 @@ def _scan_backward(PdO, QdO, Kt, W, decay, dhT, segments):
     return mx.concatenate(du), mx.concatenate(dh_next), mx.concatenate(dh0)
 
 
-def _forward_block(q, k, v, g, beta, h0, segments, keep=False):
+def _forward_block(q, k, v, g, beta, h0, segments, keep=False, out_dtype=mx.float32):
     """One block of chunks: (o, final states, per-chunk start states, new values u), then with
-    `keep` the pieces the backward would otherwise compute again (_ChunkPieces.KEPT)."""
+    `keep` the pieces the backward would otherwise compute again (_ChunkPieces.KEPT). o is float32,
+    or out_dtype where the output kernel writes it (kernels.chunk_output)."""
     pc = _ChunkPieces(q, k, v, g, beta, all_pieces=keep)
+    o = None
     if kernels.backend() == "ops":
         states, u, hT = _scan_forward(pc.W, pc.U, pc.Kt, pc.decay, h0, segments)
     else:
-        states, u, hT = kernels.scan_forward(pc.W, pc.U, k, pc.gamma, h0, segments,
-                                             v.dtype == mx.bfloat16)
-    o = fused(_output)(q, pc.eg, states, pc.P, u)
+        bf16_products = v.dtype == mx.bfloat16
+        states, u, hT = kernels.scan_forward(pc.W, pc.U, k, pc.gamma, h0, segments, bf16_products)
+        o = kernels.chunk_output(q, states, pc.P, u, pc.gamma, out_dtype, bf16_products)
+    if o is None:
+        o = fused(_output)(q, pc.eg, states, pc.P, u)
     return (o, hT, states, u) + (tuple(getattr(pc, name) for name in pc.KEPT) if keep else ())
 
 
@@ -379,10 +383,10 @@ def _one_array(arrays):
     return views
 
 
-def chunk_forward(q, k, v, g, beta, h0, segments, keep=False):
+def chunk_forward(q, k, v, g, beta, h0, segments, keep=False, out_dtype=mx.float32):
     """Block by block (the scan state carried across): (o, final states, per-chunk start states, u,
     kept), kept the chunk pieces for chunk_backward with `keep` (more memory, a faster backward),
-    else ()."""
+    else (). o is float32, or out_dtype (the op's output type) where a kernel writes it."""
     nb = h0.shape[0] // len(segments)
     HV, C, K = q.shape[1:]
     blocks = _blocks(q.shape[0] // nb, C, segments, _block_tokens(BLOCK_TOKENS, HV, C, K, v.shape[-1]))
@@ -393,7 +397,7 @@ def chunk_forward(q, k, v, g, beta, h0, segments, keep=False):
                                  for s, _, _, first, _ in pieces])
         local = tuple((lo, hi) for _, lo, hi, _, _ in pieces)
         o, ends, *for_backward = _over_head_groups(  # states, u (and the pieces with keep)
-            lambda *xs: _forward_block(*xs, local, keep),
+            lambda *xs: _forward_block(*xs, local, keep, out_dtype),
             (q[rows], k[rows], v[rows], g[rows], beta[rows], starts))
         if len(blocks) > 1:
             o, ends, *for_backward = _one_array((o, ends, *for_backward))

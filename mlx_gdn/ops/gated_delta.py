@@ -294,7 +294,7 @@ def _chunked(opt, C, seqs, packed, h0, q, k, v, g, beta, A_log, dt_bias):
     @mx.custom_function
     def core(q, k, v, g, beta, A_log, dt_bias, h0):
         o, hT, states, u, kept = chunk_forward(*qkv_in(q, k, v), *gates(g, beta, A_log, dt_bias), h0,
-                                               segments, opt.keep_pieces)
+                                               segments, opt.keep_pieces, q.dtype)
         return (rows_out(o), hT, states, u, *kept)
 
     @core.vjp

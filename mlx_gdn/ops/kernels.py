@@ -22,6 +22,7 @@ SPECS = {
     "chunk_scan_mma": _SCAN_IO,
     "chunk_scan_resident": _SCAN_IO,
     "chunk_pieces": (["q", "k", "v", "gamma", "beta"], ["KKG", "P", "T", "W", "U"]),
+    "chunk_output": (["q", "states", "P", "u", "gamma"], ["o"]),
     "chunk_grads": (["q", "k", "v", "dout", "u", "du", "du_h", "dKt", "dQg", "T", "W", "U", "KKG", "P",
                      "gamma", "beta", "dchunk"], ["dq", "dk", "dv", "dg", "dbeta"]),
     "rows_to_chunks": (["x", "src", "scale", "dims"], ["y"]),
@@ -48,7 +49,7 @@ THREADGROUP_BYTES = {"metal": 32768, "cuda": 49152}  # Metal's limit; CUDA's for
 # products in pairs) 2.26 / 4.20 / 8.15, and with a TF32 prelude still 2.00 / 3.76 / 7.26.
 # "resident" (chunk_scan_resident.metal: each SIMD group keeps 16 value columns of the state in 8x8
 # matrices for the whole scan; K a multiple of 8, V of 16). "auto": the resident scan where the
-# inputs are bfloat16, the backend multiplies 8x8 matrices in bfloat16 (RESIDENT_BF16) and the grid
+# inputs are bfloat16, the backend multiplies 8x8 matrices in bfloat16 (BF16_PRODUCT_BACKENDS) and the grid
 # has RESIDENT_MIN_GROUPS SIMD groups; the SIMT scan elsewhere. H100, fourteenth session, forward +
 # reverse scan at K = V = 128: with float products (FP64 or TF32 x 3 tensor cores) the resident scan
 # was no faster than the SIMT one (4.6-6.1 ms against 2.2 at (1, 8192, 16); 4.9-5.7 against 5.05 at
@@ -57,7 +58,7 @@ SCAN_KERNEL = "auto"
 MMA_SCAN_THREADS = 512
 RESIDENT_SCAN_GROUPS = 8  # SIMD groups (16 value columns each) a threadgroup, at most
 RESIDENT_STAGED_PER_THREAD = 32  # staged floats a thread holds ahead, at most (registers)
-RESIDENT_BF16 = {"cuda"}
+BF16_PRODUCT_BACKENDS = {"cuda"}  # where "auto" lets 8x8 products round bfloat16 inputs' factors
 # H100, bf16 inputs, the op's compiled forward + backward (ms), resident against SIMT: (4, 4096, 16)
 # = 512 SIMD groups 7.45-7.65 against 8.20 (the scans alone about level: forward 1.31 against 1.24);
 # (8, 2048, 32) = 2048 groups 14.5-14.8 against 16.4; (1, 8192, 16) = 128 groups 5.9 against 5.0.
@@ -247,7 +248,7 @@ def _scan(A, X, Bm, Y, gamma, h_in, segments, reverse, bf16_products):
     # more staged rows a step where the runner allows (fewer barriers)
     limit, padded = _threadgroup_memory()
     wanted = SCAN_KERNEL == "resident" or (
-        SCAN_KERNEL == "auto" and bf16_products and backend() in RESIDENT_BF16
+        SCAN_KERNEL == "auto" and bf16_products and backend() in BF16_PRODUCT_BACKENDS
         and R * V // 16 >= RESIDENT_MIN_GROUPS)
     in_registers = wanted and _resident_scan_config(K, C, V, limit, padded)
     if in_registers:
@@ -300,6 +301,55 @@ def _pieces_config(C, limit, padded):
         if 4 * floats <= limit:
             return (("KC", kc), ("CS", cs), ("TS", ts))
     raise ValueError(f"chunk_pieces: C = {C} does not fit {limit} bytes of threadgroup memory")
+
+
+# The forward's output O = diag(e^gamma) Q S + P U: "kernel" (chunk_output.metal, 8x8 products, O
+# written in the op's output type) or "gemm" (chunk._output: MLX's GEMMs, float32). "auto": the
+# kernel where its products may be BF16 (bfloat16 inputs on BF16_PRODUCT_BACKENDS), GEMMs elsewhere
+# (float inputs: CUDA's GEMMs are TF32 by default, Metal's are MLX's own; neither measured against
+# the kernel's FP64 / float products). H100, fifteenth session, ncu at (8, 2048, 32): the kernel 803
+# us, the GEMM path's three kernels (P u, Q e^gamma, addmm; float32) 832 plus a float32 output
+# layout; the op's forward 2-3% faster with the kernel at (4, 4096, 16) and (8, 2048, 32), level at
+# (1, 8192, 16).
+OUTPUT_KERNEL = "auto"
+
+
+OUTPUT_STAGE_ROWS = 32  # chunk_output: rows of S (columns of Q) a stage
+
+
+def _output_config(C, K, V, limit, padded):
+    """chunk_output.metal's template values (stage rows, padded strides), or None where its
+    threadgroup memory (a stage, or O's tile and P) does not fit `limit` bytes."""
+    ks = min(OUTPUT_STAGE_ROWS, K)
+    pad = 4 if padded else 0
+    sst, qst, ost, pst = V + pad, ks + pad, V + pad, C + pad
+    floats = max(ks * sst + C * qst, C * max(ost, pst)) + C
+    if 4 * floats > limit:
+        return None
+    return (("KS", ks), ("SST", sst), ("QST", qst), ("OST", ost), ("PST", pst))
+
+
+def chunk_output(q, states, P, u, gamma, dtype, bf16_products):
+    """o = diag(e^gamma) q states + P u [..., C, V] in dtype by chunk_output.metal, from chunk-major
+    float32 q [..., C, K], states [..., K, V], P [..., C, C], u [..., C, V] and gamma [..., C, 1]; or
+    None where OUTPUT_KERNEL leaves it to GEMMs or the kernel does not apply (K, C not multiples of
+    8, V of 16, more than 32 SIMD groups, or its threadgroup memory over the limit)."""
+    *lead, C, K = q.shape
+    V = u.shape[-1]
+    wanted = OUTPUT_KERNEL == "kernel" or (
+        OUTPUT_KERNEL == "auto" and bf16_products and backend() in BF16_PRODUCT_BACKENDS)
+    if not wanted or K % 8 or V % 16 or C % 8 or V > 16 * 32:
+        return None
+    config = _output_config(C, K, V, *_threadgroup_memory())
+    if config is None:
+        return None
+    threads = 32 * (V // 16)
+    M = q.size // (C * K)
+    return get_kernel("chunk_output", threads, bf16_products)(
+        inputs=[q, states, P, u, gamma.reshape(M, C)],
+        template=[("K", K), ("V", V), ("C", C), ("THREADS", threads), ("OutT", dtype), *config],
+        grid=(threads * M, 1, 1), threadgroup=(threads, 1, 1),
+        output_shapes=[(*lead, C, V)], output_dtypes=[dtype])[0]
 
 
 def _per_chunk_launch(q, v, config):
@@ -370,7 +420,7 @@ def rows_to_chunks(x, src, heads, C, *, scale=1.0, l2norm=False, dtype=mx.float3
 
 
 def chunks_to_rows(y, dst, B, heads, dtype, *, scale=1.0, x=None):
-    """Chunk-major float32 y [N * B, HV, C, D] -> [B, T, heads, D] in dtype, token t from padded
+    """Chunk-major y (float32, or chunk_output's type) [N * B, HV, C, D] -> [B, T, heads, D] in dtype, token t from padded
     position dst[t] (int32 [T]), the HV / heads value heads of each head summed, times scale. Given
     the raw rows x [B, T, heads, D], the VJP of rows_to_chunks' L2 norm is applied (y its cotangent)."""
     _, HV, C, D = y.shape

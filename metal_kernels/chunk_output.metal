@@ -1,0 +1,119 @@
+// The chunked forward's output (chunk.py's _output), one threadgroup per chunk of one value head:
+//   O = diag(e^gamma) Q S + P U
+// with S the state entering the chunk (K x V), P = tril(Q K^T * Gam) (C x C) and U the chunk's new
+// values (C x V). On 8x8 SIMD-group matrices, transposed so that no product is a right factor:
+// SIMD group sg owns value columns 16 sg ... 16 sg + 15 (two 8-row tiles of O^T, one pair a product).
+// Every SIMD group multiplies by all of Q and P, so those (and S) are staged in threadgroup memory,
+// read from device memory once and in whole rows (8x8 tiles read from device memory by every SIMD
+// group made the kernel L1-bound: H100, 1.04 ms at (8, 2048, 32) against 0.83 for MLX's GEMMs).
+// 1. (Q S)^T = S^T Q^T, KS rows of S and columns of Q a stage; summed into registers;
+// 2. stored into o_s (O's layout, float) and its rows scaled by e^gamma element-wise (fla scales its
+//    float q h the same way, after the product: no rounding of Q e^gamma or of Q S in between);
+// 3. each SIMD group takes its tiles back as accumulators and adds U^T P^T (P staged; its 8x8
+//    blocks up to the diagonal);
+// 4. o_s written out in OutT, row by row.
+// Threadgroup memory is one buffer x_s: the stages of step 1, then o_s, then P (while the sums are
+// in registers), then o_s again.
+// For bfloat16 inputs on CUDA the header defines GDN_MMA_BF16 (factors rounded to bfloat16, float
+// sums), as fla's output kernel rounds q, h, P and v_new.
+// Grid (THREADS * M, 1, 1), threadgroup (THREADS, 1, 1), THREADS = 32 V / 16: threadgroup m is chunk
+// m. Template: K (a multiple of 8), V (of 16), C (of 8), THREADS, OutT, KS (a multiple of 8) and the
+// row strides of the staged arrays: SST (S rows, >= V), QST (Q rows, >= KS), OST (o_s, >= V), PST
+// (P, >= C) (padded on CUDA against bank conflicts).
+// Inputs: q [M,C,K]; states [M,K,V]; P [M,C,C]; u [M,C,V] (float); gamma [M,C] float32.
+// Output: o [M,C,V] OutT.
+constexpr int CT = C / 8;  // 8-row tiles of a chunk
+constexpr int STAGE = KS * SST + C * QST;
+constexpr int AFTER = C * (OST > PST ? OST : PST);
+threadgroup float x_s[STAGE > AFTER ? STAGE : AFTER];
+threadgroup float eg_s[C];
+constexpr int QS = KS * SST;  // the stage's Q rows after its S rows
+const uint tid = thread_position_in_threadgroup.x;
+const int v0 = 16 * (int)simdgroup_index_in_threadgroup;
+const uint m = threadgroup_position_in_grid.x;
+for (int c = (int)tid; c < C; c += THREADS) {
+  eg_s[c] = exp(gamma[m * C + c]);
+}
+
+// 1. (Q S)^T: tiles (value rows v0 + 8 h, chunk columns 8 i), h = 0 in acc, h = 1 in acc2
+const simdgroup_float8x8 zero = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+simdgroup_float8x8 acc[CT], acc2[CT];
+#pragma unroll
+for (int i = 0; i < CT; ++i) {
+  acc[i] = zero;
+  acc2[i] = zero;
+}
+for (int k0 = 0; k0 < K; k0 += KS) {
+  const int ks = K - k0 < KS ? K - k0 : KS;  // a multiple of 8
+  threadgroup_barrier(mem_flags::mem_threadgroup);  // the stage before is read
+  for (int e = (int)tid; e < ks * V; e += THREADS) {
+    x_s[e / V * SST + e % V] = states[(m * K + k0) * V + e];
+  }
+  for (int e = (int)tid; e < C * ks; e += THREADS) {
+    const int c = e / ks, kk = e % ks;
+    x_s[QS + c * QST + kk] = q[(m * C + c) * K + k0 + kk];
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (int kb = 0; kb < ks / 8; ++kb) {
+    simdgroup_float8x8 st, st2;  // S^T's tiles (v0 .., 8 kb ..) and (v0 + 8 .., 8 kb ..)
+    simdgroup_load_transposed(st, &x_s[kb * 8 * SST + v0], SST);
+    simdgroup_load_transposed(st2, &x_s[kb * 8 * SST + v0 + 8], SST);
+#pragma unroll
+    for (int i = 0; i < CT; ++i) {
+      simdgroup_float8x8 qt;  // Q^T's tile (8 kb .., 8 i ..)
+      simdgroup_load_transposed(qt, &x_s[QS + i * 8 * QST + kb * 8], QST);
+      simdgroup_multiply_accumulate_pair(acc[i], acc2[i], st, st2, qt);
+    }
+  }
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);  // the last stage is read: o_s and P go over it
+
+// 2. into o_s, rows times e^gamma, back into registers
+#pragma unroll
+for (int i = 0; i < CT; ++i) {
+  simdgroup_store_transposed(acc[i], &x_s[i * 8 * OST + v0], OST);
+  simdgroup_store_transposed(acc2[i], &x_s[i * 8 * OST + v0 + 8], OST);
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);
+for (int e = (int)tid; e < C * V; e += THREADS) {
+  x_s[e / V * OST + e % V] *= eg_s[e / V];
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);
+#pragma unroll
+for (int i = 0; i < CT; ++i) {
+  simdgroup_load_transposed(acc[i], &x_s[i * 8 * OST + v0], OST);
+  simdgroup_load_transposed(acc2[i], &x_s[i * 8 * OST + v0 + 8], OST);
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);  // o_s is read: P goes over it
+for (int e = (int)tid; e < C * C; e += THREADS) {
+  x_s[e / C * PST + e % C] = P[m * C * C + e];
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);
+
+// 3. + U^T P^T: U^T's tile (v0 .., 8 j ..) times P^T's (8 j .., 8 i ..), j <= i
+for (int j = 0; j < CT; ++j) {
+  simdgroup_float8x8 ut, ut2;
+  const uint u_at = (m * C + j * 8) * V + v0;
+  simdgroup_load_transposed(ut, &u[u_at], V);
+  simdgroup_load_transposed(ut2, &u[u_at + 8], V);
+#pragma unroll
+  for (int i = 0; i < CT; ++i) {
+    if (i >= j) {
+      simdgroup_float8x8 pt;
+      simdgroup_load_transposed(pt, &x_s[i * 8 * PST + j * 8], PST);
+      simdgroup_multiply_accumulate_pair(acc[i], acc2[i], ut, ut2, pt);
+    }
+  }
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);  // P is read: o_s goes over it
+#pragma unroll
+for (int i = 0; i < CT; ++i) {
+  simdgroup_store_transposed(acc[i], &x_s[i * 8 * OST + v0], OST);
+  simdgroup_store_transposed(acc2[i], &x_s[i * 8 * OST + v0 + 8], OST);
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);
+
+// 4. out
+for (int e = (int)tid; e < C * V; e += THREADS) {
+  o[m * C * V + e] = static_cast<OutT>(x_s[e / V * OST + e % V]);
+}
