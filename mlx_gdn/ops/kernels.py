@@ -62,15 +62,17 @@ BF16_PRODUCT_BACKENDS = {"cuda"}  # where "auto" lets 8x8 products round bfloat1
 # H100, bf16 inputs, the op's compiled forward + backward (ms), resident against SIMT: (4, 4096, 16)
 # = 512 SIMD groups 7.45-7.65 against 8.20 (the scans alone about level: forward 1.31 against 1.24);
 # (8, 2048, 32) = 2048 groups 14.5-14.8 against 16.4; (1, 8192, 16) = 128 groups 5.9 against 5.0.
+# Fifteenth session (loads a stage ahead): at (1, 8192, 16) the resident forward scan alone is now
+# faster (1.27-1.33 against 1.47 ms), but the op's forward was not (1.91 against 1.79-1.81).
 RESIDENT_MIN_GROUPS = 512
 PADDED_STRIDES = {"cuda": True}  # threadgroup arrays padded against CUDA's shared-memory bank conflicts
 # CUDA: threadgroups an SM that a kernel's registers must leave room for (its __launch_bounds__).
 # mx.fast.cuda_kernel writes no attributes, so the header redefines __global__ for that kernel.
 # ptxas alone gives chunk_grads 128 registers (2 threadgroups of 256 an SM), the scans 87-105; the
 # 8x8 scan needs its 512 threads held to 128 registers (nvcc gives it 127-134), or it cannot launch.
-# The resident scan takes 168-185 registers (one threadgroup of 256 an SM) and none: held to 128 (two
-# an SM) its forward at (8, 2048, 32) took 1.15 ms instead of 1.47, but the op at (4, 4096, 16) lost
-# 8% (fourteenth session).
+# The resident scan takes 244-254 registers (one threadgroup of 256 an SM; 168-185 before its loads
+# were issued a stage ahead) and no bounds: held to 128 (two an SM, fourteenth session) its forward at
+# (8, 2048, 32) took 1.15 ms instead of 1.47, but the op at (4, 4096, 16) lost 8%.
 CUDA_MIN_THREADGROUPS = {"chunk_grads": 3, "chunk_scan_mma": 1}
 
 _override = None  # (backend name, factory) while use_factory is active
