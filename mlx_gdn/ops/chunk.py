@@ -17,8 +17,8 @@ occupy consecutive chunks; the scans restart at each segment's first chunk. Both
 blocks of BLOCK_TOKENS (forward) / BACKWARD_BLOCK_TOKENS tokens, the scan state carried between
 blocks, to bound memory at long T.
 On Metal/CUDA the chunk pieces, the two scans and the backward's work after the reverse scan are
-kernels of metal_kernels/ (see kernels.py), and the output where kernels.chunk_output takes it. gated_delta.py pairs chunk_forward and chunk_backward in
-one custom function over token rows.
+kernels of metal_kernels/ (see kernels.py), and so is the output where kernels.chunk_output takes
+it. gated_delta.py pairs chunk_forward and chunk_backward in one custom function over token rows.
 """
 
 import os

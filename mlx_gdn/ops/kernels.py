@@ -49,8 +49,8 @@ THREADGROUP_BYTES = {"metal": 32768, "cuda": 49152}  # Metal's limit; CUDA's for
 # products in pairs) 2.26 / 4.20 / 8.15, and with a TF32 prelude still 2.00 / 3.76 / 7.26.
 # "resident" (chunk_scan_resident.metal: each SIMD group keeps 16 value columns of the state in 8x8
 # matrices for the whole scan; K a multiple of 8, V of 16). "auto": the resident scan where the
-# inputs are bfloat16, the backend multiplies 8x8 matrices in bfloat16 (BF16_PRODUCT_BACKENDS) and the grid
-# has RESIDENT_MIN_GROUPS SIMD groups; the SIMT scan elsewhere. H100, fourteenth session, forward +
+# inputs are bfloat16, the backend multiplies 8x8 matrices in bfloat16 (BF16_PRODUCT_BACKENDS) and
+# the grid has RESIDENT_MIN_GROUPS SIMD groups; the SIMT scan elsewhere. H100, fourteenth session, forward +
 # reverse scan at K = V = 128: with float products (FP64 or TF32 x 3 tensor cores) the resident scan
 # was no faster than the SIMT one (4.6-6.1 ms against 2.2 at (1, 8192, 16); 4.9-5.7 against 5.05 at
 # (8, 2048, 32)), with BF16 products 2.6 and 2.9.
@@ -314,14 +314,12 @@ def _pieces_config(C, limit, padded):
 # layout; the op's forward 2-3% faster with the kernel at (4, 4096, 16) and (8, 2048, 32), level at
 # (1, 8192, 16).
 OUTPUT_KERNEL = "auto"
-
-
 OUTPUT_STAGE_ROWS = 32  # chunk_output: rows of S (columns of Q) a stage
 
 
 def _output_config(C, K, V, limit, padded):
     """chunk_output.metal's template values (stage rows, padded strides), or None where its
-    threadgroup memory (a stage, or O's tile and P) does not fit `limit` bytes."""
+    threadgroup memory (a stage, O's tile, or P) does not fit `limit` bytes."""
     ks = min(OUTPUT_STAGE_ROWS, K)
     pad = 4 if padded else 0
     sst, qst, ost, pst = V + pad, ks + pad, V + pad, C + pad
@@ -422,9 +420,10 @@ def rows_to_chunks(x, src, heads, C, *, scale=1.0, l2norm=False, dtype=mx.float3
 
 
 def chunks_to_rows(y, dst, B, heads, dtype, *, scale=1.0, x=None):
-    """Chunk-major y (float32, or chunk_output's type) [N * B, HV, C, D] -> [B, T, heads, D] in dtype, token t from padded
-    position dst[t] (int32 [T]), the HV / heads value heads of each head summed, times scale. Given
-    the raw rows x [B, T, heads, D], the VJP of rows_to_chunks' L2 norm is applied (y its cotangent)."""
+    """Chunk-major y [N * B, HV, C, D] (float32, or chunk_output's type) -> [B, T, heads, D] in
+    dtype, token t from padded position dst[t] (int32 [T]), the HV / heads value heads of each head
+    summed, times scale. Given the raw rows x [B, T, heads, D], the VJP of rows_to_chunks' L2 norm is
+    applied (y its cotangent)."""
     _, HV, C, D = y.shape
     T = dst.shape[0]
     rows = B * T * heads
