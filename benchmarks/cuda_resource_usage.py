@@ -3,7 +3,8 @@ wrapped with the CUDA prelude the way mx.fast.cuda_kernel wraps it (template val
 compiled by nvcc/ptxas for sm_90. Costs no device time; occupancy follows from the numbers (an H100
 SM has 65,536 registers and 228 KB of shared memory).
 
-    python benchmarks/cuda_resource_usage.py chunk_pieces K=128 V=128 C=64 THREADS=256 KC=32 CS=68 TS=68
+    python benchmarks/cuda_resource_usage.py chunk_pieces K=128 V=128 C=64 THREADS=256 KC=32 CS=68 TS=68 \\
+        ALL_PIECES=false WT=float PT=float
     python benchmarks/cuda_resource_usage.py chunk_scan_mma K=128 V=128 C=64 THREADS=512 \\
         BV=16 CB=32 KS=4 REVERSE=false HAS_Y=false AST=132 BST=36 HST=24
 

@@ -20,7 +20,8 @@
 // m. Template: K (a multiple of 8), V (of 16), C (of 8), THREADS, OutT, KS (a multiple of 8) and the
 // row strides of the staged arrays: SST (S rows, >= V), QST (Q rows, >= KS), OST (o_s, >= V), PST
 // (P, >= C) (padded on CUDA against bank conflicts).
-// Inputs: q [M,C,K]; states [M,K,V]; P [M,C,C]; u [M,C,V] (float); gamma [M,C] float32.
+// Inputs: q [M,C,K]; states [M,K,V]; P [M,C,C] (any float type); u [M,C,V] float; gamma [M,C]
+// float32.
 // Output: o [M,C,V] OutT.
 constexpr int CT = C / 8;  // 8-row tiles of a chunk
 constexpr int STAGE = KS * SST + C * QST;
@@ -47,11 +48,11 @@ for (int k0 = 0; k0 < K; k0 += KS) {
   const int ks = K - k0 < KS ? K - k0 : KS;  // a multiple of 8
   threadgroup_barrier(mem_flags::mem_threadgroup);  // the stage before is read
   for (int e = (int)tid; e < ks * V; e += THREADS) {
-    x_s[e / V * SST + e % V] = states[(m * K + k0) * V + e];
+    x_s[e / V * SST + e % V] = static_cast<float>(states[(m * K + k0) * V + e]);
   }
   for (int e = (int)tid; e < C * ks; e += THREADS) {
     const int c = e / ks, kk = e % ks;
-    x_s[QS + c * QST + kk] = q[(m * C + c) * K + k0 + kk];
+    x_s[QS + c * QST + kk] = static_cast<float>(q[(m * C + c) * K + k0 + kk]);
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
   for (int kb = 0; kb < ks / 8; ++kb) {
@@ -86,7 +87,7 @@ for (int i = 0; i < CT; ++i) {
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);  // o_s is read: P goes over it
 for (int e = (int)tid; e < C * C; e += THREADS) {
-  x_s[e / C * PST + e % C] = P[m * C * C + e];
+  x_s[e / C * PST + e % C] = static_cast<float>(P[m * C * C + e]);
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 

@@ -15,10 +15,11 @@
 // x dimension, as CUDA allows up to 2^31 - 1 blocks there and 65535 in y).
 // Template: K, V, C (a multiple of 8), THREADS (a multiple of 32), KC (a multiple of 8), the row
 // strides of the threadgroup arrays (padded on CUDA against bank conflicts): CS (C x C, >= C), TS
-// (staged q^T and k^T, >= C), and ALL_PIECES: KKG and T are written only with it (the forward needs
-// P, W and U; the backward all five).
+// (staged q^T and k^T, >= C), ALL_PIECES: KKG and T are written only with it (the forward needs
+// P, W and U; the backward all five), and PT, WT: the types P and W are written in (float, or
+// bfloat16 where the forward's one reader of each rounds its factors to bfloat16 anyway).
 // Inputs: q, k [M,C,K]; v [M,C,V] (any float type); gamma, beta [M,C] float32.
-// Outputs: KKG, P, T [M,C,C]; W [M,C,K]; U [M,C,V].
+// Outputs: KKG, P, T [M,C,C] (P in PT); W [M,C,K] (WT); U [M,C,V].
 constexpr int SG = THREADS / 32;
 constexpr int NB = C / 8;                     // 8-row blocks of a chunk
 constexpr int NT = C / 4;                     // 4-row groups of a chunk
@@ -106,7 +107,7 @@ for (int e = (int)tid; e < C * C; e += THREADS) {
   if (ALL_PIECES) {
     KKG[m * C * C + e] = kk;
   }
-  P[m * C * C + e] = i >= j ? x_s[i * CS + j] * decay : 0.0f;
+  P[m * C * C + e] = static_cast<PT>(i >= j ? x_s[i * CS + j] * decay : 0.0f);
   y_s[i * CS + j] = -beta[g0 + i] * kk;
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -203,7 +204,7 @@ for (int blk = 0; blk < NKB + NVB; ++blk) {
           const int col = c0 + 4 * cg + b;
           if (col < width) {
             if (is_w) {
-              W[(g0 + 4 * ti + a) * K + col] = acc[a][b];
+              W[(g0 + 4 * ti + a) * K + col] = static_cast<WT>(acc[a][b]);
             } else {
               U[(g0 + 4 * ti + a) * V + col] = acc[a][b];
             }

@@ -152,6 +152,26 @@ def test_auto_kernels_take_bf16_products_for_bf16_inputs(emulated, monkeypatch, 
     assert rms_rel(ro, np.array(o.astype(mx.float32))) <= tol and rms_rel(rs, np.array(s)) <= tol
 
 
+def test_bf16_factors_stored_in_bf16_give_the_same_results(emulated, monkeypatch):
+    # the forward writes W and P in bfloat16 where their one reader (the resident scan, the output
+    # kernel) rounds them to bfloat16 as factors anyway: the same results, bit for bit
+    monkeypatch.setattr(kernels, "BF16_PRODUCT_BACKENDS", {"emulated"})
+    monkeypatch.setattr(kernels, "RESIDENT_MIN_GROUPS", 4)
+    assert kernels.forward_piece_types(2, 16, 32, 32, True) == (mx.bfloat16, mx.bfloat16)
+    assert kernels.forward_piece_types(2, 16, 32, 32, False) == (mx.float32, mx.float32)
+    data = make_inputs(1, 1, 40, 1, 2, 32, h0=True)
+    xs = {n: mx.array(x) if n == "initial_state" else mx.array(x).astype(mx.bfloat16) for n, x in data.items()}
+    pieces, written = kernels.chunk_pieces, []
+    monkeypatch.setattr(kernels, "chunk_pieces", lambda *a: written.append(pieces(*a)) or written[-1])
+    results = {}
+    for stored in (True, False):
+        monkeypatch.setattr(kernels, "FACTORS_IN_BF16", stored)
+        results[stored] = gated_delta_rule(**xs, chunk_size=16, mode="chunk", output_final_state=True)
+    assert [(w.dtype, p.dtype) for _, p, _, w, _ in written] == [(mx.bfloat16,) * 2, (mx.float32,) * 2]
+    for a, b in zip(results[True], results[False]):
+        assert np.array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)))
+
+
 @pytest.mark.parametrize("scan", ["simt", "mma", "resident"])
 def test_scans_read_k_in_its_input_type(emulated, monkeypatch, scan):
     # k in bfloat16, as the layout leaves it for bf16 inputs; the ops scan gets the same values

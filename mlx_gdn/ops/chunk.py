@@ -185,7 +185,7 @@ class _ChunkPieces:
 
     KEPT = ("KKG", "P", "Tinv", "W", "U")  # what the backward can take from the forward instead
 
-    def __init__(self, q, k, v, g, beta, kept=(), all_pieces=True):
+    def __init__(self, q, k, v, g, beta, kept=(), all_pieces=True, types=(mx.float32, mx.float32)):
         C = q.shape[-2]
         self.incl, self.strict = _masks(C)
         self.gamma, self.eg, self.tail, self.decay = fused(_gates)(g)
@@ -198,7 +198,7 @@ class _ChunkPieces:
                 self.W, self.U = fused(_pieces_after_inverse)(self.Tinv, k, v, beta, self.eg)
                 return
         self.KKG, self.P, self.Tinv, self.W, self.U = kept or kernels.chunk_pieces(
-            q, k, v, self.gamma, beta, all_pieces)
+            q, k, v, self.gamma, beta, all_pieces, types)
         if self.KKG is not None:
             self.Gam, self.A = fused(_gated_from_kernel)(self.gamma, self.KKG, beta, self.incl)
 
@@ -244,12 +244,16 @@ def _forward_block(q, k, v, g, beta, h0, segments, keep=False, out_dtype=mx.floa
     """One block of chunks: (o, final states, per-chunk start states, new values u), then with
     `keep` the pieces the backward would otherwise compute again (_ChunkPieces.KEPT). o is float32,
     or out_dtype where the output kernel writes it (kernels.chunk_output)."""
-    pc = _ChunkPieces(q, k, v, g, beta, all_pieces=keep)
+    bf16_products = v.dtype == mx.bfloat16
+    types = (mx.float32, mx.float32)
+    if kernels.backend() != "ops" and not keep:  # kept pieces go to the backward in float32
+        (_, HV, C, K), V = q.shape, v.shape[-1]
+        types = kernels.forward_piece_types(h0.shape[0] // len(segments) * HV, C, K, V, bf16_products)
+    pc = _ChunkPieces(q, k, v, g, beta, all_pieces=keep, types=types)
     o = None
     if kernels.backend() == "ops":
         states, u, hT = _scan_forward(pc.W, pc.U, pc.Kt, pc.decay, h0, segments)
     else:
-        bf16_products = v.dtype == mx.bfloat16
         states, u, hT = kernels.scan_forward(pc.W, pc.U, k, pc.gamma, h0, segments, bf16_products)
         o = kernels.chunk_output(q, states, pc.P, u, pc.gamma, out_dtype, bf16_products)
     if o is None:

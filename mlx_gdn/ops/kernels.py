@@ -238,6 +238,15 @@ def _resident_scan_config(K, C, V, limit, padded):
     return threads, 16 * groups, (("CB", rows), ("AST", ast), ("BST", bst))
 
 
+def _resident_scan_choice(R, C, K, V, bf16_products):
+    """_resident_scan_config's values where SCAN_KERNEL takes the resident scan for R rows (batch x
+    value heads), else None."""
+    wanted = SCAN_KERNEL == "resident" or (
+        SCAN_KERNEL == "auto" and bf16_products and backend() in BF16_PRODUCT_BACKENDS
+        and R * V // 16 >= RESIDENT_MIN_GROUPS)
+    return _resident_scan_config(K, C, V, *_threadgroup_memory()) if wanted else None
+
+
 def _scan(A, X, Bm, Y, gamma, h_in, segments, reverse, bf16_products):
     """The chunk_scan kernel on chunk-major arrays [N * B, HV, ...] (k, not Kt: Bm forward, A
     backward); returns (states, x_new, h_out). bf16_products: the inputs were bfloat16, and where
@@ -249,10 +258,7 @@ def _scan(A, X, Bm, Y, gamma, h_in, segments, reverse, bf16_products):
     N, R = NB // B, B * HV
     # more staged rows a step where the runner allows (fewer barriers)
     limit, padded = _threadgroup_memory()
-    wanted = SCAN_KERNEL == "resident" or (
-        SCAN_KERNEL == "auto" and bf16_products and backend() in BF16_PRODUCT_BACKENDS
-        and R * V // 16 >= RESIDENT_MIN_GROUPS)
-    in_registers = wanted and _resident_scan_config(K, C, V, limit, padded)
+    in_registers = _resident_scan_choice(R, C, K, V, bf16_products)
     if in_registers:
         name, (threads, tile, extra) = "chunk_scan_resident", in_registers
         extra += (("AT", A.dtype), ("BT", Bm.dtype))
@@ -315,6 +321,7 @@ def _pieces_config(C, limit, padded):
 # (1, 8192, 16).
 OUTPUT_KERNEL = "auto"
 OUTPUT_STAGE_ROWS = 32  # chunk_output: rows of S (columns of Q) a stage
+FACTORS_IN_BF16 = True  # see forward_piece_types
 
 
 def _output_config(C, K, V, limit, padded):
@@ -329,6 +336,26 @@ def _output_config(C, K, V, limit, padded):
     return (("KS", ks), ("SST", sst), ("QST", qst), ("OST", ost), ("PST", pst))
 
 
+def _output_choice(C, K, V, bf16_products):
+    """_output_config's values where OUTPUT_KERNEL takes the kernel and it applies (K, C multiples
+    of 8, V of 16, at most 32 SIMD groups), else None."""
+    wanted = OUTPUT_KERNEL == "kernel" or (
+        OUTPUT_KERNEL == "auto" and bf16_products and backend() in BF16_PRODUCT_BACKENDS)
+    if not wanted or K % 8 or V % 16 or C % 8 or V > 16 * 32:
+        return None
+    return _output_config(C, K, V, *_threadgroup_memory())
+
+
+def forward_piece_types(R, C, K, V, bf16_products):
+    """The types the forward's chunk pieces write W and P in: bfloat16 where their one reader (W:
+    the resident scan, P: the output kernel) rounds them to bfloat16 as factors anyway (BF16
+    products), so the results are the same with half the bytes; float32 elsewhere. R: the scan's
+    rows (batch x value heads). FACTORS_IN_BF16 = False keeps both float32."""
+    rounded = lambda used: mx.bfloat16 if FACTORS_IN_BF16 and bf16_products and used else mx.float32
+    return (rounded(_resident_scan_choice(R, C, K, V, bf16_products)),
+            rounded(_output_choice(C, K, V, bf16_products)))
+
+
 def chunk_output(q, states, P, u, gamma, dtype, bf16_products):
     """o = diag(e^gamma) q states + P u [..., C, V] in dtype by chunk_output.metal, from chunk-major
     float32 q [..., C, K], states [..., K, V], P [..., C, C], u [..., C, V] and gamma [..., C, 1]; or
@@ -336,11 +363,7 @@ def chunk_output(q, states, P, u, gamma, dtype, bf16_products):
     8, V of 16, more than 32 SIMD groups, or its threadgroup memory over the limit)."""
     *lead, C, K = q.shape
     V = u.shape[-1]
-    wanted = OUTPUT_KERNEL == "kernel" or (
-        OUTPUT_KERNEL == "auto" and bf16_products and backend() in BF16_PRODUCT_BACKENDS)
-    if not wanted or K % 8 or V % 16 or C % 8 or V > 16 * 32:
-        return None
-    config = _output_config(C, K, V, *_threadgroup_memory())
+    config = _output_choice(C, K, V, bf16_products)
     if config is None:
         return None
     threads = 32 * (V // 16)
@@ -365,19 +388,20 @@ def _per_chunk_launch(q, v, config):
         grid=(threads * (q.size // (C * K)), 1, 1), threadgroup=(threads, 1, 1))
 
 
-def chunk_pieces(q, k, v, gamma, beta, all_pieces=True):
+def chunk_pieces(q, k, v, gamma, beta, all_pieces=True, types=(mx.float32, mx.float32)):
     """The chunk pieces kernel on chunk-major q, k [..., C, K], v [..., C, V] (any float type),
     gamma, beta [..., C, 1] (float32): (KKG, P, Tinv, W, U) as chunk._pieces_before_inverse /
-    _pieces_after_inverse give them; KKG and Tinv None unless all_pieces (the forward needs neither:
-    two C x C arrays a chunk not written)."""
+    _pieces_after_inverse give them, W and P in types (forward_piece_types); KKG and Tinv None
+    unless all_pieces (the forward needs neither: two C x C arrays a chunk not written)."""
+    w_type, p_type = types
     lead, C, K, V, launch = _per_chunk_launch(q, v, _pieces_config)
-    launch["template"].append(("ALL_PIECES", all_pieces))
+    launch["template"] += [("ALL_PIECES", all_pieces), ("WT", w_type), ("PT", p_type)]
     square = (*lead, C, C)
     unless_all = square if all_pieces else (1,)  # KKG and Tinv: a placeholder, not written
     KKG, P, Tinv, W, U = get_kernel("chunk_pieces", launch["threadgroup"][0])(
         inputs=[q, k, v, gamma, beta],
         output_shapes=[unless_all, square, unless_all, (*lead, C, K), (*lead, C, V)],
-        output_dtypes=[mx.float32] * 5, **launch)
+        output_dtypes=[mx.float32, p_type, mx.float32, w_type, mx.float32], **launch)
     return (KKG, P, Tinv, W, U) if all_pieces else (None, P, None, W, U)
 
 
