@@ -159,6 +159,10 @@ def test_bf16_factors_stored_in_bf16_give_the_same_results(emulated, monkeypatch
     monkeypatch.setattr(kernels, "RESIDENT_MIN_GROUPS", 4)
     assert kernels.forward_piece_types(2, 16, 32, 32, True) == (mx.bfloat16, mx.bfloat16)
     assert kernels.forward_piece_types(2, 16, 32, 32, False) == (mx.float32, mx.float32)
+    with kernels.use_factory("metal", EmulatedKernel):  # Metal multiplies in float: nothing rounds
+        monkeypatch.setattr(kernels, "OUTPUT_KERNEL", "kernel")
+        assert kernels.forward_piece_types(2, 16, 32, 32, True) == (mx.float32, mx.float32)
+    monkeypatch.setattr(kernels, "OUTPUT_KERNEL", "auto")
     data = make_inputs(1, 1, 40, 1, 2, 32, h0=True)
     xs = {n: mx.array(x) if n == "initial_state" else mx.array(x).astype(mx.bfloat16) for n, x in data.items()}
     pieces, written = kernels.chunk_pieces, []

@@ -350,8 +350,10 @@ def forward_piece_types(R, C, K, V, bf16_products):
     """The types the forward's chunk pieces write W and P in: bfloat16 where their one reader (W:
     the resident scan, P: the output kernel) rounds them to bfloat16 as factors anyway (BF16
     products), so the results are the same with half the bytes; float32 elsewhere. R: the scan's
-    rows (batch x value heads). FACTORS_IN_BF16 = False keeps both float32."""
-    rounded = lambda used: mx.bfloat16 if FACTORS_IN_BF16 and bf16_products and used else mx.float32
+    rows (batch x value heads). FACTORS_IN_BF16 = False keeps both float32. (Metal multiplies in
+    float whatever bf16_products says: float32 there.)"""
+    rounds = FACTORS_IN_BF16 and bf16_products and backend() != "metal"
+    rounded = lambda used: mx.bfloat16 if rounds and used else mx.float32
     return (rounded(_resident_scan_choice(R, C, K, V, bf16_products)),
             rounded(_output_choice(C, K, V, bf16_products)))
 
