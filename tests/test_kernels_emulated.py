@@ -133,17 +133,26 @@ def test_resident_scan_with_bf16_products(emulated, monkeypatch, N, B, HV, C, K,
         check_scans(N, B, HV, C, K, V, segments, 1e-4, bf16_products=True)
 
 
-@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
-def test_auto_kernels_take_bf16_products_for_bf16_inputs(emulated, monkeypatch, dtype):
+@pytest.mark.parametrize("dtype,rows", [(mx.bfloat16, "one"), (mx.float32, "one"), (mx.bfloat16, "packed"),
+                                        (mx.bfloat16, "blocks")])
+def test_auto_kernels_take_bf16_products_for_bf16_inputs(emulated, monkeypatch, dtype, rows):
     # SCAN_KERNEL "auto": the resident scan with bfloat16 products for bfloat16 inputs where the
-    # backend has them and the grid is large enough; the SIMT scan for other inputs
+    # backend has them and the grid is large enough; the SIMT scan for other inputs. rows: one
+    # sequence, packed sequences (the scans restart; the output kernel sees padding), or one
+    # sequence in two forward blocks (the bf16 output joined with float32 arrays by _one_array)
     monkeypatch.setattr(kernels, "BF16_PRODUCT_BACKENDS", {"emulated"})
     monkeypatch.setattr(kernels, "RESIDENT_MIN_GROUPS", 4)
+    if rows == "blocks":
+        monkeypatch.setattr(chunk, "REFERENCE_TOKEN_FLOATS", 0)
+        monkeypatch.setattr(chunk, "KERNEL_BLOCK_SCALE", 1)
+        monkeypatch.setattr(chunk, "BLOCK_TOKENS", 32)  # 2 chunks of 16 a block: blocks of 2 and 1
+    cu = [0, 17, 40] if rows == "packed" else None
     used = spy_kernels(monkeypatch)
-    data = make_inputs(0, 1, 40, 1, 2, 32, h0=True)
-    ro, rs = gated_delta_reference(**data)
+    data = make_inputs(0, 1, 40, 1, 2, 32, h0=True, n_states=2 if cu else None)
+    ro, rs = gated_delta_reference(**data, cu_seqlens=cu)
     xs = {n: mx.array(x) if n == "initial_state" else mx.array(x).astype(dtype) for n, x in data.items()}
-    o, s = gated_delta_rule(**xs, chunk_size=16, mode="chunk", output_final_state=True)
+    o, s = gated_delta_rule(**xs, chunk_size=16, mode="chunk", output_final_state=True,
+                            cu_seqlens=None if cu is None else mx.array(cu))
     scans = {u for u in used if u[0].startswith("chunk_scan")}
     bf16 = dtype == mx.bfloat16
     assert scans == ({("chunk_scan_resident", True)} if bf16 else {("chunk_scan", False)})
