@@ -142,6 +142,7 @@ def test_auto_kernels_take_bf16_products_for_bf16_inputs(emulated, monkeypatch, 
     # sequence in two forward blocks (the bf16 output joined with float32 arrays by _one_array)
     monkeypatch.setattr(kernels, "BF16_PRODUCT_BACKENDS", {"emulated"})
     monkeypatch.setattr(kernels, "RESIDENT_MIN_GROUPS", 4)
+    monkeypatch.setattr(kernels, "RESIDENT_SCAN_GROUPS", 2)  # V = 32: a full threadgroup of 2
     if rows == "blocks":
         monkeypatch.setattr(chunk, "REFERENCE_TOKEN_FLOATS", 0)
         monkeypatch.setattr(chunk, "KERNEL_BLOCK_SCALE", 1)
@@ -161,11 +162,24 @@ def test_auto_kernels_take_bf16_products_for_bf16_inputs(emulated, monkeypatch, 
     assert rms_rel(ro, np.array(o.astype(mx.float32))) <= tol and rms_rel(rs, np.array(s)) <= tol
 
 
+def test_auto_scan_wants_full_resident_threadgroups(emulated, monkeypatch):
+    # "auto" takes the resident scan only with RESIDENT_SCAN_GROUPS SIMD groups a threadgroup (V = 48:
+    # three 16-column blocks, one group); forced, it runs there too
+    monkeypatch.setattr(kernels, "BF16_PRODUCT_BACKENDS", {"emulated"})
+    monkeypatch.setattr(kernels, "RESIDENT_MIN_GROUPS", 4)
+    monkeypatch.setattr(kernels, "RESIDENT_SCAN_GROUPS", 2)
+    assert kernels._resident_scan_choice(4, 16, 32, 32, True)[0] == 64
+    assert kernels._resident_scan_choice(4, 16, 32, 48, True) is None
+    monkeypatch.setattr(kernels, "SCAN_KERNEL", "resident")
+    assert kernels._resident_scan_choice(4, 16, 32, 48, True)[0] == 32
+
+
 def test_bf16_factors_stored_in_bf16_give_the_same_results(emulated, monkeypatch):
     # the forward writes W and P in bfloat16 where their one reader (the resident scan, the output
     # kernel) rounds them to bfloat16 as factors anyway: the same results, bit for bit
     monkeypatch.setattr(kernels, "BF16_PRODUCT_BACKENDS", {"emulated"})
     monkeypatch.setattr(kernels, "RESIDENT_MIN_GROUPS", 4)
+    monkeypatch.setattr(kernels, "RESIDENT_SCAN_GROUPS", 2)  # V = 32: a full threadgroup of 2
     assert kernels.forward_piece_types(2, 16, 32, 32, True) == (mx.bfloat16, mx.bfloat16)
     assert kernels.forward_piece_types(2, 16, 32, 32, False) == (mx.float32, mx.float32)
     with kernels.use_factory("metal", EmulatedKernel):  # Metal multiplies in float: nothing rounds

@@ -240,11 +240,16 @@ def _resident_scan_config(K, C, V, limit, padded):
 
 def _resident_scan_choice(R, C, K, V, bf16_products):
     """_resident_scan_config's values where SCAN_KERNEL takes the resident scan for R rows (batch x
-    value heads), else None."""
+    value heads), else None. "auto" takes it only with RESIDENT_SCAN_GROUPS SIMD groups a
+    threadgroup (the configuration measured): V = 400 (gdn-1.3b) would give one, each thread staging
+    50 values, and ptxas spills (255 registers; fifteenth session)."""
     wanted = SCAN_KERNEL == "resident" or (
         SCAN_KERNEL == "auto" and bf16_products and backend() in BF16_PRODUCT_BACKENDS
         and R * V // 16 >= RESIDENT_MIN_GROUPS)
-    return _resident_scan_config(K, C, V, *_threadgroup_memory()) if wanted else None
+    config = _resident_scan_config(K, C, V, *_threadgroup_memory()) if wanted else None
+    if config and SCAN_KERNEL == "auto" and config[0] < 32 * RESIDENT_SCAN_GROUPS:
+        return None
+    return config
 
 
 def _scan(A, X, Bm, Y, gamma, h_in, segments, reverse, bf16_products):
