@@ -1,8 +1,10 @@
-// The chunked forward's output (chunk.py's _output), one threadgroup per chunk of one value head:
+// The chunked forward's output (chunk.py's _output), a threadgroup per chunk of one value head (and
+// tile of value columns):
 //   O = diag(e^gamma) Q S + P U
 // with S the state entering the chunk (K x V), P = tril(Q K^T * Gam) (C x C) and U the chunk's new
 // values (C x V). On 8x8 SIMD-group matrices, transposed so that no product is a right factor:
-// SIMD group sg owns value columns 16 sg ... 16 sg + 15 (two 8-row tiles of O^T, one pair a product).
+// a threadgroup computes BV of the V value columns, and its SIMD group sg columns 16 sg ... 16 sg + 15
+// of those (two 8-row tiles of O^T, one pair a product).
 // Every SIMD group multiplies by all of Q and P, so those (and S) are staged in threadgroup memory,
 // read from device memory once and in whole rows (8x8 tiles read from device memory by every SIMD
 // group made the kernel L1-bound: H100, 1.04 ms at (8, 2048, 32) against 0.83 for MLX's GEMMs).
@@ -16,10 +18,11 @@
 // in registers), then o_s again.
 // For bfloat16 inputs on CUDA the header defines GDN_MMA_BF16 (factors rounded to bfloat16, float
 // sums), as fla's output kernel rounds q, h, P and v_new.
-// Grid (THREADS * M, 1, 1), threadgroup (THREADS, 1, 1), THREADS = 32 V / 16: threadgroup m is chunk
-// m. Template: K (a multiple of 8), V (of 16), C (of 8), THREADS, OutT, KS (a multiple of 8) and the
-// row strides of the staged arrays: SST (S rows, >= V), QST (Q rows, >= KS), OST (o_s, >= V), PST
-// (P, >= C) (padded on CUDA against bank conflicts).
+// Grid (THREADS * M, V / BV, 1), threadgroup (THREADS, 1, 1), THREADS = 32 BV / 16: threadgroup
+// (m, t) is chunk m, value columns t BV ... (t + 1) BV - 1. Template: K (a multiple of 8), V, BV (a
+// multiple of 16 dividing V), C (of 8), THREADS, OutT, KS (a multiple of 8) and the row strides of
+// the staged arrays: SST (S rows, >= BV), QST (Q rows, >= KS), OST (o_s, >= BV), PST (P, >= C)
+// (padded on CUDA against bank conflicts).
 // Inputs: q [M,C,K]; states [M,K,V]; P [M,C,C] (any float type); u [M,C,V] float; gamma [M,C]
 // float32.
 // Output: o [M,C,V] OutT.
@@ -30,8 +33,9 @@ threadgroup float x_s[STAGE > AFTER ? STAGE : AFTER];
 threadgroup float eg_s[C];
 constexpr int QS = KS * SST;  // the stage's Q rows after its S rows
 const uint tid = thread_position_in_threadgroup.x;
-const int v0 = 16 * (int)simdgroup_index_in_threadgroup;
+const int v0 = 16 * (int)simdgroup_index_in_threadgroup;  // in the threadgroup's columns
 const uint m = threadgroup_position_in_grid.x;
+const uint vt = threadgroup_position_in_grid.y * BV;  // the threadgroup's first column
 for (int c = (int)tid; c < C; c += THREADS) {
   eg_s[c] = exp(gamma[m * C + c]);
 }
@@ -47,8 +51,8 @@ for (int i = 0; i < CT; ++i) {
 for (int k0 = 0; k0 < K; k0 += KS) {
   const int ks = K - k0 < KS ? K - k0 : KS;  // a multiple of 8
   threadgroup_barrier(mem_flags::mem_threadgroup);  // the stage before is read
-  for (int e = (int)tid; e < ks * V; e += THREADS) {
-    x_s[e / V * SST + e % V] = static_cast<float>(states[(m * K + k0) * V + e]);
+  for (int e = (int)tid; e < ks * BV; e += THREADS) {
+    x_s[e / BV * SST + e % BV] = static_cast<float>(states[(m * K + k0 + e / BV) * V + vt + e % BV]);
   }
   for (int e = (int)tid; e < C * ks; e += THREADS) {
     const int c = e / ks, kk = e % ks;
@@ -76,8 +80,8 @@ for (int i = 0; i < CT; ++i) {
   simdgroup_store_transposed(acc2[i], &x_s[i * 8 * OST + v0 + 8], OST);
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
-for (int e = (int)tid; e < C * V; e += THREADS) {
-  x_s[e / V * OST + e % V] *= eg_s[e / V];
+for (int e = (int)tid; e < C * BV; e += THREADS) {
+  x_s[e / BV * OST + e % BV] *= eg_s[e / BV];
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 #pragma unroll
@@ -94,7 +98,7 @@ threadgroup_barrier(mem_flags::mem_threadgroup);
 // 3. + U^T P^T: U^T's tile (v0 .., 8 j ..) times P^T's (8 j .., 8 i ..), j <= i
 for (int j = 0; j < CT; ++j) {
   simdgroup_float8x8 ut, ut2;
-  const uint u_at = (m * C + j * 8) * V + v0;
+  const uint u_at = (m * C + j * 8) * V + vt + v0;
   simdgroup_load_transposed(ut, &u[u_at], V);
   simdgroup_load_transposed(ut2, &u[u_at + 8], V);
 #pragma unroll
@@ -115,6 +119,6 @@ for (int i = 0; i < CT; ++i) {
 threadgroup_barrier(mem_flags::mem_threadgroup);
 
 // 4. out
-for (int e = (int)tid; e < C * V; e += THREADS) {
-  o[m * C * V + e] = static_cast<OutT>(x_s[e / V * OST + e % V]);
+for (int e = (int)tid; e < C * BV; e += THREADS) {
+  o[(m * C + e / BV) * V + vt + e % BV] = static_cast<OutT>(x_s[e / BV * OST + e % BV]);
 }

@@ -52,8 +52,8 @@ def test_cuda_resource_usage_compiles_every_chunk_kernel():
                                      f"HAS_Y=true A:{bf16} AT={bf16} BT=float"),
              ("chunk_scan_resident", "K=128 V=128 C=64 THREADS=256 CB=32 AST=136 BST=132 REVERSE=false "
                                      f"HAS_Y=false Bm:{bf16} AT=float BT={bf16} BF16_PRODUCTS=true"),
-             ("chunk_output", "K=104 V=48 C=64 THREADS=96 OutT=float KS=32 SST=52 QST=36 OST=52 PST=68"),
-             ("chunk_output", f"K=128 V=128 C=64 THREADS=256 OutT={bf16} o:{bf16} P:{bf16} BF16_PRODUCTS=true "
+             ("chunk_output", "K=104 V=48 BV=48 C=64 THREADS=96 OutT=float KS=32 SST=52 QST=36 OST=52 PST=68"),
+             ("chunk_output", f"K=128 V=256 BV=128 C=64 THREADS=256 OutT={bf16} o:{bf16} P:{bf16} BF16_PRODUCTS=true "
                               "KS=32 SST=132 QST=36 OST=132 PST=68"),
              ("chunk_grads", f"K=100 V=60 C=64 THREADS=256 KC=16 CS=68 TS=68 k:{bf16} v:{bf16}"),
              ("rows_to_chunks", "InT=float OutT=float D=100 HX=2 HV=4 C=64 L2NORM=true"),

@@ -60,7 +60,8 @@ def test_chunk_pieces_kernel_matches_ops(M, C, K, V):
 
 @pytest.mark.parametrize("products", ["float", "bf16"])
 @pytest.mark.parametrize("M,C,K,V,dtype", [(64, 64, 128, 128, "bfloat16"), (18, 32, 96, 48, "float32"),
-                                           (10, 16, 64, 32, "bfloat16")])
+                                           (10, 16, 64, 32, "bfloat16"),
+                                           (16, 64, 128, 256, "bfloat16")])  # two threadgroups a chunk
 def test_chunk_output_kernel_matches_ops(monkeypatch, products, M, C, K, V, dtype):
     # float: FP64 tensor cores (exact products); bf16: factors rounded to bfloat16, as the op runs
     # it for bfloat16 inputs

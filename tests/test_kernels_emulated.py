@@ -230,10 +230,11 @@ def test_chunk_pieces_kernel_matches_ops(emulated, monkeypatch, M, C, K, V, conf
 
 
 OUTPUT_CASES = [
-    # M, C, K, V, output type, (stage rows, padded strides)
-    (3, 16, 32, 32, mx.float32, (32, False)),   # two SIMD groups, one stage
-    (2, 32, 24, 48, mx.bfloat16, (8, True)),    # K = 24: three stages; three SIMD groups; bfloat16
-    (2, 64, 40, 16, mx.float32, (32, True)),    # the GPU shape's C, one SIMD group; stages of 32 and 8
+    # M, C, K, V, output type, (stage rows, padded strides, threadgroup bytes)
+    (3, 16, 32, 32, mx.float32, (32, False, 32768)),   # two SIMD groups, one stage
+    (2, 32, 24, 48, mx.bfloat16, (8, True, 32768)),    # K = 24: three stages; three SIMD groups; bf16
+    (2, 64, 40, 16, mx.float32, (32, True, 32768)),    # the GPU shape's C, one SIMD group; stages 32, 8
+    (2, 16, 16, 64, mx.float32, (16, False, 4096)),    # 64 columns do not fit: two threadgroups of 32
 ]
 
 
@@ -242,6 +243,7 @@ def test_chunk_output_kernel_matches_ops(emulated, monkeypatch, M, C, K, V, dtyp
     monkeypatch.setattr(kernels, "OUTPUT_KERNEL", "kernel")
     monkeypatch.setattr(kernels, "OUTPUT_STAGE_ROWS", config[0])
     monkeypatch.setitem(kernels.PADDED_STRIDES, "emulated", config[1])
+    monkeypatch.setitem(kernels.THREADGROUP_BYTES, "emulated", config[2])
     check_output(M, C, K, V, dtype, tol=FP32_TOL if dtype == mx.float32 else 4e-3)
 
 
@@ -261,6 +263,13 @@ def test_output_kernel_only_where_asked(emulated, monkeypatch):
     assert kernels.chunk_output(*xs, mx.bfloat16, True) is not None
     monkeypatch.setattr(kernels, "OUTPUT_KERNEL", "gemm")
     assert kernels.chunk_output(*xs, mx.bfloat16, True) is None
+    # "auto" only where one threadgroup covers all value columns (the configuration measured)
+    monkeypatch.setattr(kernels, "OUTPUT_KERNEL", "auto")
+    monkeypatch.setitem(kernels.THREADGROUP_BYTES, "emulated", 1100)  # 16 columns fit (1088 bytes), 32 not
+    assert kernels._output_choice(16, 8, 16, True)[0] == 16
+    assert kernels._output_choice(16, 8, 32, True) is None
+    monkeypatch.setattr(kernels, "OUTPUT_KERNEL", "kernel")
+    assert kernels._output_choice(16, 8, 32, True)[0] == 16
 
 
 GRADS_CASES = [

@@ -330,25 +330,32 @@ FACTORS_IN_BF16 = True  # see forward_piece_types
 
 
 def _output_config(C, K, V, limit, padded):
-    """chunk_output.metal's template values (stage rows, padded strides), or None where its
-    threadgroup memory (a stage, O's tile, or P) does not fit `limit` bytes."""
+    """chunk_output.metal's value columns a threadgroup and template values (stage rows, padded
+    strides): all V columns where its threadgroup memory (a stage, O's tile, or P) fits `limit`
+    bytes, else the widest multiple of 16 dividing V that fits; None where none does."""
     ks = min(OUTPUT_STAGE_ROWS, K)
     pad = 4 if padded else 0
-    sst, qst, ost, pst = V + pad, ks + pad, V + pad, C + pad
-    floats = max(ks * sst + C * qst, C * max(ost, pst)) + C
-    if 4 * floats > limit:
-        return None
-    return (("KS", ks), ("SST", sst), ("QST", qst), ("OST", ost), ("PST", pst))
+    for bv in range(min(V, 16 * 32), 0, -16):  # at most 32 SIMD groups
+        if V % bv:
+            continue
+        sst, qst, ost, pst = bv + pad, ks + pad, bv + pad, C + pad
+        if 4 * (max(ks * sst + C * qst, C * max(ost, pst)) + C) <= limit:
+            return bv, (("KS", ks), ("SST", sst), ("QST", qst), ("OST", ost), ("PST", pst))
+    return None
 
 
 def _output_choice(C, K, V, bf16_products):
     """_output_config's values where OUTPUT_KERNEL takes the kernel and it applies (K, C multiples
-    of 8, V of 16, at most 32 SIMD groups), else None."""
+    of 8, V of 16), else None. "auto" takes it only where a threadgroup covers all V columns
+    (V <= ~180 at C = 64 on CUDA): the configuration measured."""
     wanted = OUTPUT_KERNEL == "kernel" or (
         OUTPUT_KERNEL == "auto" and bf16_products and backend() in BF16_PRODUCT_BACKENDS)
-    if not wanted or K % 8 or V % 16 or C % 8 or V > 16 * 32:
+    if not wanted or K % 8 or V % 16 or C % 8:
         return None
-    return _output_config(C, K, V, *_threadgroup_memory())
+    config = _output_config(C, K, V, *_threadgroup_memory())
+    if config is None or (OUTPUT_KERNEL == "auto" and config[0] < V):
+        return None
+    return config
 
 
 def forward_piece_types(R, C, K, V, bf16_products):
@@ -366,19 +373,20 @@ def forward_piece_types(R, C, K, V, bf16_products):
 def chunk_output(q, states, P, u, gamma, dtype, bf16_products):
     """o = diag(e^gamma) q states + P u [..., C, V] in dtype by chunk_output.metal, from chunk-major
     float32 q [..., C, K], states [..., K, V], P [..., C, C], u [..., C, V] and gamma [..., C, 1]; or
-    None where OUTPUT_KERNEL leaves it to GEMMs or the kernel does not apply (K, C not multiples of
-    8, V of 16, more than 32 SIMD groups, or its threadgroup memory over the limit)."""
+    None where OUTPUT_KERNEL leaves it to GEMMs or the kernel does not apply (_output_choice)."""
     *lead, C, K = q.shape
     V = u.shape[-1]
-    config = _output_choice(C, K, V, bf16_products)
-    if config is None:
+    choice = _output_choice(C, K, V, bf16_products)
+    if choice is None:
         return None
-    threads = 32 * (V // 16)
+    bv, config = choice
+    threads = 32 * (bv // 16)
     M = q.size // (C * K)
     return get_kernel("chunk_output", threads, bf16_products)(
         inputs=[q, states, P, u, gamma.reshape(M, C)],
-        template=[("K", K), ("V", V), ("C", C), ("THREADS", threads), ("OutT", dtype), *config],
-        grid=(threads * M, 1, 1), threadgroup=(threads, 1, 1),
+        template=[("K", K), ("V", V), ("BV", bv), ("C", C), ("THREADS", threads), ("OutT", dtype),
+                  *config],
+        grid=(threads * M, V // bv, 1), threadgroup=(threads, 1, 1),
         output_shapes=[(*lead, C, V)], output_dtypes=[dtype])[0]
 
 
