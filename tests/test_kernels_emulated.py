@@ -133,6 +133,14 @@ def test_resident_scan_with_bf16_products(emulated, monkeypatch, N, B, HV, C, K,
         check_scans(N, B, HV, C, K, V, segments, 1e-4, bf16_products=True)
 
 
+def auto_bf16_on_emulator(monkeypatch):
+    """The "auto" kernel choices as on CUDA for bf16 inputs, at the emulator's small shapes: BF16
+    products, the resident scan from 4 SIMD groups in all, 2 a threadgroup (V = 32 fills one)."""
+    monkeypatch.setattr(kernels, "BF16_PRODUCT_BACKENDS", {"emulated"})
+    monkeypatch.setattr(kernels, "RESIDENT_MIN_GROUPS", 4)
+    monkeypatch.setattr(kernels, "RESIDENT_SCAN_GROUPS", 2)
+
+
 @pytest.mark.parametrize("dtype,rows", [(mx.bfloat16, "one"), (mx.float32, "one"), (mx.bfloat16, "packed"),
                                         (mx.bfloat16, "blocks")])
 def test_auto_kernels_take_bf16_products_for_bf16_inputs(emulated, monkeypatch, dtype, rows):
@@ -140,9 +148,7 @@ def test_auto_kernels_take_bf16_products_for_bf16_inputs(emulated, monkeypatch, 
     # backend has them and the grid is large enough; the SIMT scan for other inputs. rows: one
     # sequence, packed sequences (the scans restart; the output kernel sees padding), or one
     # sequence in two forward blocks (the bf16 output joined with float32 arrays by _one_array)
-    monkeypatch.setattr(kernels, "BF16_PRODUCT_BACKENDS", {"emulated"})
-    monkeypatch.setattr(kernels, "RESIDENT_MIN_GROUPS", 4)
-    monkeypatch.setattr(kernels, "RESIDENT_SCAN_GROUPS", 2)  # V = 32: a full threadgroup of 2
+    auto_bf16_on_emulator(monkeypatch)
     if rows == "blocks":
         monkeypatch.setattr(chunk, "REFERENCE_TOKEN_FLOATS", 0)
         monkeypatch.setattr(chunk, "KERNEL_BLOCK_SCALE", 1)
@@ -165,9 +171,7 @@ def test_auto_kernels_take_bf16_products_for_bf16_inputs(emulated, monkeypatch, 
 def test_auto_scan_wants_full_resident_threadgroups(emulated, monkeypatch):
     # "auto" takes the resident scan only with RESIDENT_SCAN_GROUPS SIMD groups a threadgroup (V = 48:
     # three 16-column blocks, one group); forced, it runs there too
-    monkeypatch.setattr(kernels, "BF16_PRODUCT_BACKENDS", {"emulated"})
-    monkeypatch.setattr(kernels, "RESIDENT_MIN_GROUPS", 4)
-    monkeypatch.setattr(kernels, "RESIDENT_SCAN_GROUPS", 2)
+    auto_bf16_on_emulator(monkeypatch)
     assert kernels._resident_scan_choice(4, 16, 32, 32, True)[0] == 64
     assert kernels._resident_scan_choice(4, 16, 32, 48, True) is None
     monkeypatch.setattr(kernels, "SCAN_KERNEL", "resident")
@@ -177,9 +181,7 @@ def test_auto_scan_wants_full_resident_threadgroups(emulated, monkeypatch):
 def test_bf16_factors_stored_in_bf16_give_the_same_results(emulated, monkeypatch):
     # the forward writes W and P in bfloat16 where their one reader (the resident scan, the output
     # kernel) rounds them to bfloat16 as factors anyway: the same results, bit for bit
-    monkeypatch.setattr(kernels, "BF16_PRODUCT_BACKENDS", {"emulated"})
-    monkeypatch.setattr(kernels, "RESIDENT_MIN_GROUPS", 4)
-    monkeypatch.setattr(kernels, "RESIDENT_SCAN_GROUPS", 2)  # V = 32: a full threadgroup of 2
+    auto_bf16_on_emulator(monkeypatch)
     assert kernels.forward_piece_types(2, 16, 32, 32, True) == (mx.bfloat16, mx.bfloat16)
     assert kernels.forward_piece_types(2, 16, 32, 32, False) == (mx.float32, mx.float32)
     with kernels.use_factory("metal", EmulatedKernel):  # Metal multiplies in float: nothing rounds

@@ -238,18 +238,22 @@ def _resident_scan_config(K, C, V, limit, padded):
     return threads, 16 * groups, (("CB", rows), ("AST", ast), ("BST", bst))
 
 
+def _auto_bf16(bf16_products):
+    """Whether an "auto" kernel choice may multiply in BF16: bfloat16 inputs on a backend in
+    BF16_PRODUCT_BACKENDS."""
+    return bf16_products and backend() in BF16_PRODUCT_BACKENDS
+
+
 def _resident_scan_choice(R, C, K, V, bf16_products):
     """_resident_scan_config's values where SCAN_KERNEL takes the resident scan for R rows (batch x
     value heads), else None. "auto" takes it only with RESIDENT_SCAN_GROUPS SIMD groups a
-    threadgroup (the configuration measured): V = 400 (gdn-1.3b) would give one, each thread staging
-    50 values, and ptxas spills (255 registers; fifteenth session)."""
+    threadgroup, i.e. V a multiple of their columns (the configuration measured): V = 400
+    (gdn-1.3b) would give one, each thread staging 50 values, and ptxas spills (255 registers;
+    fifteenth session)."""
     wanted = SCAN_KERNEL == "resident" or (
-        SCAN_KERNEL == "auto" and bf16_products and backend() in BF16_PRODUCT_BACKENDS
+        SCAN_KERNEL == "auto" and _auto_bf16(bf16_products) and V % (16 * RESIDENT_SCAN_GROUPS) == 0
         and R * V // 16 >= RESIDENT_MIN_GROUPS)
-    config = _resident_scan_config(K, C, V, *_threadgroup_memory()) if wanted else None
-    if config and SCAN_KERNEL == "auto" and config[0] < 32 * RESIDENT_SCAN_GROUPS:
-        return None
-    return config
+    return _resident_scan_config(K, C, V, *_threadgroup_memory()) if wanted else None
 
 
 def _scan(A, X, Bm, Y, gamma, h_in, segments, reverse, bf16_products):
@@ -348,8 +352,7 @@ def _output_choice(C, K, V, bf16_products):
     """_output_config's values where OUTPUT_KERNEL takes the kernel and it applies (K, C multiples
     of 8, V of 16), else None. "auto" takes it only where a threadgroup covers all V columns
     (V <= ~180 at C = 64 on CUDA): the configuration measured."""
-    wanted = OUTPUT_KERNEL == "kernel" or (
-        OUTPUT_KERNEL == "auto" and bf16_products and backend() in BF16_PRODUCT_BACKENDS)
+    wanted = OUTPUT_KERNEL == "kernel" or (OUTPUT_KERNEL == "auto" and _auto_bf16(bf16_products))
     if not wanted or K % 8 or V % 16 or C % 8:
         return None
     config = _output_config(C, K, V, *_threadgroup_memory())
