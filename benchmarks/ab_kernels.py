@@ -111,7 +111,7 @@ def main():
                 for name, (body, head) in variants.items():
                     metal_kernels.source = lambda n, b=body: b if b and n == args.kernel else source(n)
                     metal_kernels.prelude = lambda w, h=head: h if h and w == "cuda" else prelude(w)
-                    kernels._compiled.clear()
+                    kernels.forget_kernels()
                     fn = workload(args.kernel, xs, T)
                     try:
                         outs[name] = fn()

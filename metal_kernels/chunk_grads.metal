@@ -23,8 +23,8 @@
 // x dimension, as CUDA allows up to 2^31 - 1 blocks there and 65535 in y).
 // Template: K, V, C (a multiple of 8), THREADS (a multiple of 32), KC (a multiple of 4), CS (row
 // stride of x_s and y_s as C x C arrays, >= C), TS (row stride of phase A's staged blocks, >= C).
-// Inputs: q, k, dQg, du_h, dKt, W [M,C,K]; v, dout, u, du, U [M,C,V] (q, k, v in any float type,
-// the rest float32); T, KKG, P [M,C,C];
+// Inputs: q, k, dQg, du_h, dKt, W [M,C,K]; v, dout, u, du, U [M,C,V] (q, k, v, u in any float
+// type, the rest float32); T, KKG, P [M,C,C];
 // gamma, beta [M,C]; dchunk [M] (the cotangent of the chunk's decay times it: decay sum(h * dh')).
 // Outputs: dq, dk [M,C,K]; dv [M,C,V]; dg, dbeta [M,C].
 constexpr int NT = C / 4;                     // 4-row groups of a chunk
@@ -82,7 +82,7 @@ for (int blk = 0; blk < NKC + NVC; ++blk) {
       x_s[j * TS + c] = inside ? du[at] : 0.0f;
       x_s[KC * TS + j * TS + c] = inside ? U[at] : 0.0f;
       x_s[2 * KC * TS + j * TS + c] = inside ? dout[at] : 0.0f;
-      x_s[3 * KC * TS + j * TS + c] = inside ? u[at] : 0.0f;
+      x_s[3 * KC * TS + j * TS + c] = inside ? static_cast<float>(u[at]) : 0.0f;
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);

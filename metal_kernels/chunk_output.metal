@@ -23,8 +23,8 @@
 // multiple of 16 dividing V), C (of 8), THREADS, OutT, KS (a multiple of 8) and the row strides of
 // the staged arrays: SST (S rows, >= BV), QST (Q rows, >= KS), OST (o_s, >= BV), PST (P, >= C)
 // (padded on CUDA against bank conflicts).
-// Inputs: q [M,C,K]; states [M,K,V]; P [M,C,C] (any float type); u [M,C,V] float; gamma [M,C]
-// float32.
+// Inputs: q [M,C,K]; states [M,K,V]; P [M,C,C] (any float type); u [M,C,V] (float, or bfloat16 on
+// CUDA: a SIMD-group load from device memory); gamma [M,C] float32.
 // Output: o [M,C,V] OutT.
 constexpr int CT = C / 8;  // 8-row tiles of a chunk
 constexpr int STAGE = KS * SST + C * QST;

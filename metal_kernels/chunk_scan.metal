@@ -19,13 +19,15 @@
 // only (CB / 4) x (BV / 4) tiles a stage; when threads outnumber them, the k sum is split KS ways
 // (short dependent chains) and the partial sums meet in threadgroup memory.
 // Template: K, V, C, THREADS, BV (a multiple of 4 dividing 4 * THREADS), CB (rows per
-// stage, a multiple of 4 dividing C), REVERSE, HAS_Y.
+// stage, a multiple of 4 dividing C), REVERSE, HAS_Y, AT and BT (the types of A and Bm), StateT
+// (the type states and x_new are written in: float, or bfloat16 where their readers round them to
+// it: kernels.forward_types).
 // Inputs: A, Bm [N,R,C,K] (k: Bm forward, A backward, in any float type); X [N,R,C,V]; Y [N,R,K,V]
 // (read only if HAS_Y); gamma [N,R,C] (the within-chunk cumsum of g);
 // h_in [S*R,K,V]; seg_start, seg_end [N] int32; dims [2] int32: N (chunks) and R (rows, batch x
 // value heads), read at run time so that a new sequence length needs no new kernel.
-// Outputs: states [N,R,K,V] (the state entering chunk n, in scan order); x_new [N,R,C,V];
-// h_out [S*R,K,V].
+// Outputs: states [N,R,K,V] (the state entering chunk n, in scan order) and x_new [N,R,C,V] in
+// StateT; h_out [S*R,K,V] float.
 constexpr int VG = BV / 4;                          // column groups of 4 per tile
 constexpr int KG = (K + 3) / 4;                     // row groups of 4 of the state (the last padded)
 constexpr int RG = CB / 4;                          // row groups of 4 of a stage
@@ -57,7 +59,9 @@ const int vt = (int)threadgroup_position_in_grid.y * BV;  // first value column 
 const int v0 = vt + 4 * cg;
 const int slot = (int)(tid / VG);
 float h[KGPT][4][4];  // update: rows 4 (slot + SLOTS i) + a, columns v0 + j
-float staged[SPT][4];  // the next stage's items of A or B
+AT staged_a[SPT][4];  // the next stage's items of A or B, as loaded: converted only when stored, so
+BT staged_b[SPT][4];  // that no instruction waits on the loads before the stage (a wait on a bf16
+                      // k converted at once cost the forward 20%: H100, sixteenth session)
 float xs[XPT][4];      // the next stage's items of X
 float gam[XPT];        // and gamma at their rows, and at the chunk's end (exp is taken only when
 float glast = 0.0f;    // the stage is stored: the loads' latency stays off the sequential path)
@@ -94,7 +98,7 @@ for (int it = -1; it < total; ++it) {
           const int k = 4 * (slot + SLOTS * i) + a;
           for (int j = 0; j < 4; ++j) {
             if (k < K && v0 + j < V) {
-              states[(nr * K + k) * V + v0 + j] = h[i][a][j];
+              states[(nr * K + k) * V + v0 + j] = static_cast<StateT>(h[i][a][j]);
             }
           }
         }
@@ -119,7 +123,11 @@ for (int it = -1; it < total; ++it) {
     for (int p = 0; p < SPT; ++p) {
       const int e = (int)tid + THREADS * p;
       if (e < (s < STAGES ? K * RG : CB * KG)) {
-        const float4 t = make_float4(staged[p][0], staged[p][1], staged[p][2], staged[p][3]);
+        float t4[4];
+        for (int a = 0; a < 4; ++a) {
+          t4[a] = s < STAGES ? static_cast<float>(staged_a[p][a]) : static_cast<float>(staged_b[p][a]);
+        }
+        const float4 t = make_float4(t4[0], t4[1], t4[2], t4[3]);
         m_s[s >= STAGES ? e : ROTATE ? (e % K) * RG + (e / K + e % K / SH) % RG : (e % K) * RG + e / K] = t;
       }
     }
@@ -146,7 +154,7 @@ for (int it = -1; it < total; ++it) {
           const int e = (int)tid + THREADS * p;
           const int k = e % K, rg = e / K;
           for (int a = 0; a < 4; ++a) {
-            staged[p][a] = e < K * RG ? static_cast<float>(A[base + (4 * rg + a) * K + k]) : 0.0f;
+            staged_a[p][a] = e < K * RG ? A[base + (4 * rg + a) * K + k] : static_cast<AT>(0.0f);
           }
         }
         const uint g_at = (uint)(n2 * R + r) * C;
@@ -165,7 +173,8 @@ for (int it = -1; it < total; ++it) {
           const int e = (int)tid + THREADS * p;
           const int cc = e / KG, kg = e % KG;
           for (int a = 0; a < 4; ++a) {
-            staged[p][a] = e < CB * KG && 4 * kg + a < K ? static_cast<float>(Bm[base + cc * K + 4 * kg + a]) : 0.0f;
+            const bool inside = e < CB * KG && 4 * kg + a < K;
+            staged_b[p][a] = inside ? Bm[base + cc * K + 4 * kg + a] : static_cast<BT>(0.0f);
           }
         }
       }
@@ -229,7 +238,7 @@ for (int it = -1; it < total; ++it) {
           const int v = vt + 4 * g + j;
           x[j] = v < V ? x_cur[p][j] + SIGN * (REVERSE ? tail * sum[j] : sum[j]) : 0.0f;
           if (v < V) {
-            x_new[(nr * C + c) * V + v] = x[j];
+            x_new[(nr * C + c) * V + v] = static_cast<StateT>(x[j]);
           }
           x[j] = REVERSE ? x[j] : tail * x[j];
         }

@@ -25,13 +25,14 @@
 // Template: K, V, C, THREADS (a multiple of 32), BV (a multiple of 8), CB (rows per
 // stage, a multiple of 16 dividing C), KS (ways the k sum of A h is split), REVERSE, HAS_Y, and the
 // row strides of the threadgroup arrays (padded on CUDA against bank conflicts): AST (staged A, >= K
-// rounded up to 16), BST (staged B^T, >= CB), HST (h_s, x_s, p_s, >= BV).
+// rounded up to 16), BST (staged B^T, >= CB), HST (h_s, x_s, p_s, >= BV), StateT (the type states
+// and x_new are written in, as in chunk_scan.metal).
 // Inputs: A, Bm [N,R,C,K] (k: Bm forward, A backward, in any float type); X [N,R,C,V]; Y [N,R,K,V]
 // (read only if HAS_Y); gamma [N,R,C] (the within-chunk cumsum of g);
 // h_in [S*R,K,V]; seg_start, seg_end [N] int32; dims [2] int32: N (chunks) and R (rows, batch x
 // value heads), read at run time so that a new sequence length needs no new kernel.
-// Outputs: states [N,R,K,V] (the state entering chunk n, in scan order); x_new [N,R,C,V];
-// h_out [S*R,K,V].
+// Outputs: states [N,R,K,V] (the state entering chunk n, in scan order) and x_new [N,R,C,V] in
+// StateT; h_out [S*R,K,V] float.
 constexpr int SG = THREADS / 32;                   // SIMD groups
 constexpr int KB = (K + 15) / 16 * 2;              // 8-row blocks of the state, an even number
 constexpr int VB = BV / 8;
@@ -82,7 +83,7 @@ for (int it = -1; it < total; ++it) {
             h_s[k * HST + e % BV] = v < V ? h_in[((seg_start[n] * R + r) * K + k) * V + v] : 0.0f;
           }
           if (v < V) {
-            states[(nr * K + k) * V + v] = h_s[k * HST + e % BV];
+            states[(nr * K + k) * V + v] = static_cast<StateT>(h_s[k * HST + e % BV]);
           }
         }
       }
@@ -191,7 +192,7 @@ for (int it = -1; it < total; ++it) {
         const float x = vt + j < V ? xs[p] + SIGN * (REVERSE ? tails[p] * sum : sum) : 0.0f;
         x_s[c * HST + j] = -SIGN * (REVERSE ? x : tails[p] * x);
         if (vt + j < V) {
-          x_new[(nr * C + c) * V + vt + j] = x;
+          x_new[(nr * C + c) * V + vt + j] = static_cast<StateT>(x);
         }
       }
     }

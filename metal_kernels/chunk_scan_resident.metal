@@ -26,12 +26,13 @@
 // stage suffices; an A stage's X tiles are loaded a stage ahead. A load the sequential path waits
 // for stalls every SIMD group (ncu: most of this kernel's time before these prefetches).
 // Template: K, V, C, THREADS (a multiple of 32), CB (a multiple of 8 dividing C), REVERSE, HAS_Y,
-// AT and BT (the types of A and Bm), and the staged rows' strides AST (A, read transposed) and BST
-// (B), each >= K (padded on CUDA against bank conflicts).
+// AT and BT (the types of A and Bm), StateT (the type states and x_new are written in, as in
+// chunk_scan.metal), and the staged rows' strides AST (A, read transposed) and BST (B), each >= K
+// (padded on CUDA against bank conflicts).
 // Inputs: A, Bm [N,R,C,K] (k: Bm forward, A backward, in any float type); X [N,R,C,V]; Y [N,R,K,V]
 // (read only if HAS_Y); gamma [N,R,C]; h_in [S*R,K,V]; seg_start, seg_end [N] int32; dims [2] int32:
-// N (chunks) and R (rows). Outputs: states [N,R,K,V] (the state entering chunk n, in scan order);
-// x_new [N,R,C,V]; h_out [S*R,K,V].
+// N (chunks) and R (rows). Outputs: states [N,R,K,V] (the state entering chunk n, in scan order)
+// and x_new [N,R,C,V], in StateT; h_out [S*R,K,V] float.
 constexpr int SG = THREADS / 32;
 constexpr int BV = 16 * SG;
 constexpr int KB = K / 8;

@@ -61,36 +61,42 @@ __device__ inline simdgroup_float8x8 make_filled_simdgroup_matrix(T value) {
   return m;
 }
 
-// element (i, j) at src[i * row_stride + j * col_stride]
-__device__ inline void gdn_simdgroup_load(simdgroup_float8x8& m, const float* src, unsigned long row_stride,
+// element (i, j) at src[i * row_stride + j * col_stride]; src and dst of float, or (device memory)
+// of a 16-bit float type, converted to and from float element by element
+template <typename T>
+__device__ inline void gdn_simdgroup_load(simdgroup_float8x8& m, const T* src, unsigned long row_stride,
                                           unsigned long col_stride) {
   const uint g = thread_index_in_simdgroup >> 2, t = thread_index_in_simdgroup & 3u;
   for (int h = 0; h < 2; ++h) {
-    m.b[h] = src[(2 * t + h) * row_stride + g * col_stride];
-    m.c[h] = src[g * row_stride + (2 * t + h) * col_stride];
+    m.b[h] = static_cast<float>(src[(2 * t + h) * row_stride + g * col_stride]);
+    m.c[h] = static_cast<float>(src[g * row_stride + (2 * t + h) * col_stride]);
   }
 }
 
-__device__ inline void gdn_simdgroup_store(const simdgroup_float8x8& m, float* dst, unsigned long row_stride,
+template <typename T>
+__device__ inline void gdn_simdgroup_store(const simdgroup_float8x8& m, T* dst, unsigned long row_stride,
                                            unsigned long col_stride) {
   const uint g = thread_index_in_simdgroup >> 2, t = thread_index_in_simdgroup & 3u;
   for (int h = 0; h < 2; ++h) {
-    dst[g * row_stride + (2 * t + h) * col_stride] = (float)m.c[h];
+    dst[g * row_stride + (2 * t + h) * col_stride] = static_cast<T>((float)m.c[h]);
   }
 }
 
-__device__ inline void simdgroup_load(simdgroup_float8x8& m, const float* src, unsigned long stride) {
+template <typename T>
+__device__ inline void simdgroup_load(simdgroup_float8x8& m, const T* src, unsigned long stride) {
   gdn_simdgroup_load(m, src, stride, 1);
 }
-__device__ inline void simdgroup_store(const simdgroup_float8x8& m, float* dst, unsigned long stride) {
+template <typename T>
+__device__ inline void simdgroup_store(const simdgroup_float8x8& m, T* dst, unsigned long stride) {
   gdn_simdgroup_store(m, dst, stride, 1);
 }
 // the transpose of the 8x8 block at src (element (i, j) = src[j * stride + i]), and its store
-__device__ inline void simdgroup_load_transposed(simdgroup_float8x8& m, const float* src, unsigned long stride) {
+template <typename T>
+__device__ inline void simdgroup_load_transposed(simdgroup_float8x8& m, const T* src, unsigned long stride) {
   gdn_simdgroup_load(m, src, 1, stride);
 }
-__device__ inline void simdgroup_store_transposed(const simdgroup_float8x8& m, float* dst,
-                                                  unsigned long stride) {
+template <typename T>
+__device__ inline void simdgroup_store_transposed(const simdgroup_float8x8& m, T* dst, unsigned long stride) {
   gdn_simdgroup_store(m, dst, 1, stride);
 }
 

@@ -11,7 +11,9 @@
 //   simdgroup_float8x8 with make_filled_simdgroup_matrix<float, 8, 8>(v),
 //   simdgroup_load(m, threadgroup pointer, row stride), simdgroup_store(m, pointer, row stride) and
 //   simdgroup_load_transposed / simdgroup_store_transposed(m, pointer, row stride) (the transpose of
-//   the 8x8 block there) and simdgroup_multiply_accumulate(d, a, b, c), called by all 32 lanes; a
+//   the 8x8 block there) on float pointers (device memory of bfloat16_t or half: the CUDA prelude
+//   and the emulator only, which the launchers respect: kernels.forward_types keeps float on Metal),
+//   and simdgroup_multiply_accumulate(d, a, b, c), called by all 32 lanes; a
 //   product may be accumulated into and used as a left factor, but is stored and loaded again before
 //   it is used as a right factor;
 //   simdgroup_multiply_accumulate_pair(d, d2, a, a2, b): d += a b and d2 += a2 b (two 8x8 products

@@ -179,24 +179,32 @@ def test_auto_scan_wants_full_resident_threadgroups(emulated, monkeypatch):
 
 
 def test_bf16_factors_stored_in_bf16_give_the_same_results(emulated, monkeypatch):
-    # the forward writes W and P in bfloat16 where their one reader (the resident scan, the output
-    # kernel) rounds them to bfloat16 as factors anyway: the same results, bit for bit
+    # the forward writes W, P, the states and u in bfloat16 where their forward reader (the resident
+    # scan, the output kernel) rounds them to bfloat16 as factors anyway: the same forward results,
+    # bit for bit
     auto_bf16_on_emulator(monkeypatch)
-    assert kernels.forward_piece_types(2, 16, 32, 32, True) == (mx.bfloat16, mx.bfloat16)
-    assert kernels.forward_piece_types(2, 16, 32, 32, False) == (mx.float32, mx.float32)
+    assert kernels.forward_types(2, 16, 32, 32, True) == (mx.bfloat16,) * 3
+    assert kernels.forward_types(2, 16, 32, 32, False) == (mx.float32,) * 3
     with kernels.use_factory("metal", EmulatedKernel):  # Metal multiplies in float: nothing rounds
         monkeypatch.setattr(kernels, "OUTPUT_KERNEL", "kernel")
-        assert kernels.forward_piece_types(2, 16, 32, 32, True) == (mx.float32, mx.float32)
+        assert kernels.forward_types(2, 16, 32, 32, True) == (mx.float32,) * 3
     monkeypatch.setattr(kernels, "OUTPUT_KERNEL", "auto")
     data = make_inputs(1, 1, 40, 1, 2, 32, h0=True)
     xs = {n: mx.array(x) if n == "initial_state" else mx.array(x).astype(mx.bfloat16) for n, x in data.items()}
-    pieces, written = kernels.chunk_pieces, []
-    monkeypatch.setattr(kernels, "chunk_pieces", lambda *a: written.append(pieces(*a)) or written[-1])
+    written = {}
+    for name in ("chunk_pieces", "scan_forward"):
+        def spy(*a, _name=name, _fn=getattr(kernels, name)):
+            written.setdefault(_name, []).append(_fn(*a))
+            return written[_name][-1]
+        monkeypatch.setattr(kernels, name, spy)
     results = {}
     for stored in (True, False):
         monkeypatch.setattr(kernels, "FACTORS_IN_BF16", stored)
         results[stored] = gated_delta_rule(**xs, chunk_size=16, mode="chunk", output_final_state=True)
-    assert [(w.dtype, p.dtype) for _, p, _, w, _ in written] == [(mx.bfloat16,) * 2, (mx.float32,) * 2]
+    assert [(w.dtype, p.dtype) for _, p, _, w, _ in written["chunk_pieces"]] == [(mx.bfloat16,) * 2,
+                                                                                (mx.float32,) * 2]
+    assert [(h.dtype, u.dtype) for h, u, _ in written["scan_forward"]] == [(mx.bfloat16,) * 2,
+                                                                          (mx.float32,) * 2]
     for a, b in zip(results[True], results[False]):
         assert np.array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)))
 
@@ -384,6 +392,39 @@ def test_chunked_grads_with_kernels_match_ops(emulated, monkeypatch, case):
         assert rms_rel(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))) <= FP32_TOL, n
 
 
+def test_bf16_grads_with_auto_bf16_kernels(emulated, monkeypatch):
+    # bfloat16 inputs with the L2 norm where "auto" multiplies in BF16 (as on CUDA): the forward lays
+    # out q and k in bfloat16 (forward_qk_type) and keeps the states and u in bfloat16
+    # (forward_types), which the backward then reads; its own layout of q and k stays float32. The
+    # gradients against the ops path's (float32 from the same inputs): 3e-3 measured, bf16's level
+    auto_bf16_on_emulator(monkeypatch)
+    data = make_inputs(6, 1, 40, 1, 2, 32, mask_p=0.3, h0=True)
+    names = ["q", "k", "v", "g", "beta", "initial_state"]
+    xs = [mx.array(data[n]).astype(mx.bfloat16 if n in "qkv" else mx.float32) for n in names]
+    w = mx.array(np.random.default_rng(1).standard_normal((1, 40, 2, 32)).astype(np.float32))
+
+    def grads():
+        def loss(*xs):
+            o, s = gated_delta_rule(**dict(zip(names, xs)), output_final_state=True, mode="chunk",
+                                    chunk_size=16, use_qk_l2norm_in_kernel=True)
+            return (o.astype(mx.float32) * w).sum() + s.sum()
+        return mx.grad(loss, argnums=list(range(len(names))))(*xs)
+
+    layouts, scans = [], []
+    rows_to_chunks, scan_forward = kernels.rows_to_chunks, kernels.scan_forward
+    monkeypatch.setattr(kernels, "rows_to_chunks", lambda *a, **kw: layouts.append(kw.get("dtype")) or
+                        rows_to_chunks(*a, **kw))
+    monkeypatch.setattr(kernels, "scan_forward", lambda *a: scans.append(a[-1]) or scan_forward(*a))
+    got = grads()
+    # q, k, v forward; q, k, v and the output's cotangent backward
+    assert layouts == [mx.bfloat16, mx.bfloat16, mx.bfloat16, mx.float32, mx.float32, mx.bfloat16, None]
+    assert scans == [mx.bfloat16]
+    with kernels.use_factory("ops", None):
+        ref = grads()
+    for n, a, b in zip(names, ref, got):
+        assert rms_rel(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))) <= 1e-2, n
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_model_gradients_with_kernels_match_ops(emulated, packed):
     # a whole tiny model (convolutions, gates, norms around the op), as train.py runs it
@@ -551,22 +592,32 @@ def test_emulator_rejects_a_product_as_a_right_factor():
              grid=(32, 1, 1), threadgroup=(32, 1, 1))
 
 
-def test_kernels_are_named_by_their_text(monkeypatch):
-    # MLX caches compiled kernels by name (CUDA: also as PTX files other processes load): on Metal and
-    # CUDA a changed body must get a new name, or the old code would run
+def test_kernels_are_named_by_their_text_and_types(monkeypatch):
+    # MLX caches compiled kernels by name and template values (CUDA: also as PTX files other
+    # processes load): on Metal and CUDA a changed body, or arrays of other types, must get a new
+    # name, or the code compiled first would run
     names = []
-    factory = lambda name, **_: names.append(name)
+
+    def factory(name, **_):
+        names.append(name)
+        return lambda **launch: None
+
+    monkeypatch.setattr(kernels, "_builders", {})
     monkeypatch.setattr(kernels, "_compiled", {})
     body = metal_kernels.source("decode_step")
+    launch = lambda dtype: kernels.get_kernel("decode_step")(
+        inputs=[mx.zeros((1,), dtype=dtype)], output_dtypes=[mx.float32])
     with kernels.use_factory("cuda", factory):
-        kernels.get_kernel("decode_step")
+        launch(mx.float32)
+        launch(mx.float32)  # built once
+        launch(mx.bfloat16)
         monkeypatch.setattr(metal_kernels, "source", lambda n: body + "\n// changed")
-        kernels._compiled.clear()
-        kernels.get_kernel("decode_step")
-    with kernels.use_factory("emulated", factory):  # the emulator keys its own cache on the text
-        kernels.get_kernel("decode_step")
-    assert names[0].startswith("decode_step_") and names[1].startswith("decode_step_")
-    assert names[0] != names[1] and names[2] == "decode_step"
+        kernels.forget_kernels()
+        launch(mx.float32)
+    with kernels.use_factory("emulated", factory):  # the emulator keys its own cache on the code
+        launch(mx.float32)
+    assert len(names) == 4 and all(n.startswith("decode_step_") for n in names[:3])
+    assert len(set(names[:3])) == 3 and names[3] == "decode_step"
 
 
 def test_cuda_launch_bounds_go_in_the_kernel_header(monkeypatch):
@@ -574,15 +625,17 @@ def test_cuda_launch_bounds_go_in_the_kernel_header(monkeypatch):
     # CUDA_MIN_THREADGROUPS names, under a name of their own (nvcc honours them: test_benchmarks_smoke)
     made = []
     monkeypatch.setattr(kernels, "backend", lambda: "cuda")
-    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: made.append(kw))
+    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: made.append(kw) or (lambda **_: None))
+    monkeypatch.setattr(kernels, "_builders", {})
     monkeypatch.setattr(kernels, "_compiled", {})
     monkeypatch.setattr(kernels, "CUDA_MIN_THREADGROUPS", {"chunk_grads": 3})
-    kernels.get_kernel("chunk_grads", 256)
-    kernels.get_kernel("chunk_pieces", 256)
+    launch = lambda *args: kernels.get_kernel(*args)(inputs=[], output_dtypes=[mx.float32])
+    launch("chunk_grads", 256)
+    launch("chunk_pieces", 256)
     with pytest.raises(ValueError, match="threadgroup size"):
         kernels.get_kernel("chunk_grads")
     monkeypatch.setattr(kernels, "CUDA_MIN_THREADGROUPS", {})
-    kernels.get_kernel("chunk_grads", 256)
+    launch("chunk_grads", 256)
     bounded, pieces, plain = made
     assert bounded["header"].startswith(metal_kernels.prelude("cuda"))
     assert bounded["header"].endswith("__launch_bounds__(256, 3)\n")

@@ -243,18 +243,23 @@ def _scan_backward(PdO, QdO, Kt, W, decay, dhT, segments):
 def _forward_block(q, k, v, g, beta, h0, segments, keep=False, out_dtype=mx.float32):
     """One block of chunks: (o, final states, per-chunk start states, new values u), then with
     `keep` the pieces the backward would otherwise compute again (_ChunkPieces.KEPT). o is float32,
-    or out_dtype where the output kernel writes it (kernels.chunk_output)."""
+    or out_dtype where the output kernel writes it (kernels.chunk_output); the states and u are
+    float32, or bfloat16 where kernels.forward_types says."""
     bf16_products = v.dtype == mx.bfloat16
-    types = (mx.float32, mx.float32)
-    if kernels.backend() != "ops" and not keep:  # kept pieces go to the backward in float32
+    w_type = p_type = state_type = mx.float32
+    if kernels.backend() != "ops":
         (_, HV, C, K), V = q.shape, v.shape[-1]
-        types = kernels.forward_piece_types(h0.shape[0] // len(segments) * HV, C, K, V, bf16_products)
-    pc = _ChunkPieces(q, k, v, g, beta, all_pieces=keep, types=types)
+        w_type, p_type, state_type = kernels.forward_types(h0.shape[0] // len(segments) * HV, C, K, V,
+                                                           bf16_products)
+        if keep:  # kept pieces go to the backward in float32
+            w_type = p_type = mx.float32
+    pc = _ChunkPieces(q, k, v, g, beta, all_pieces=keep, types=(w_type, p_type))
     o = None
     if kernels.backend() == "ops":
         states, u, hT = _scan_forward(pc.W, pc.U, pc.Kt, pc.decay, h0, segments)
     else:
-        states, u, hT = kernels.scan_forward(pc.W, pc.U, k, pc.gamma, h0, segments, bf16_products)
+        states, u, hT = kernels.scan_forward(pc.W, pc.U, k, pc.gamma, h0, segments, bf16_products,
+                                             state_type)
         o = kernels.chunk_output(q, states, pc.P, u, pc.gamma, out_dtype, bf16_products)
     if o is None:
         o = fused(_output)(q, pc.eg, states, pc.P, u)
@@ -376,14 +381,17 @@ def _blocks(N, C, segments, tokens):
 
 
 def _one_array(arrays):
-    """Copies arrays into one flat array and returns views of it: all of a block's results then come
-    from a single node, so MLX's depth-first evaluation finishes (and frees) one block before the
-    next. (mx.eval per block would not free anything under mx.grad, where arrays keep their graph.)"""
-    flat = mx.concatenate([a.reshape(-1) for a in arrays])
-    views, at = [], 0
-    for a in arrays:
-        views.append(flat[at:at + a.size].reshape(a.shape))
-        at += a.size
+    """Copies arrays into one flat array per dtype and returns views of them: all of a block's
+    results then come from a node or two, so MLX's depth-first evaluation finishes (and frees) one
+    block before the next. (mx.eval per block would not free anything under mx.grad, where arrays
+    keep their graph.) One per dtype: concatenated together, bfloat16 arrays would come back float32."""
+    views = [None] * len(arrays)
+    for dtype in dict.fromkeys(a.dtype for a in arrays):  # in order of first appearance
+        group = [i for i, a in enumerate(arrays) if a.dtype == dtype]
+        flat, at = mx.concatenate([arrays[i].reshape(-1) for i in group]), 0
+        for i in group:
+            views[i] = flat[at:at + arrays[i].size].reshape(arrays[i].shape)
+            at += arrays[i].size
     return views
 
 

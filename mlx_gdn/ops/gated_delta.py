@@ -267,15 +267,18 @@ def _chunked(opt, C, seqs, packed, h0, q, k, v, g, beta, A_log, dt_bias):
         src, dst = _layout_maps(seqs, T, C, packed)
 
         # v, and k unless L2-normalised, stay in their input type: exact, and only the kernels read
-        # them, for half the bytes with bf16. q (scaled) and a normalised k are float32 (fla rounds
-        # a normalised k to bf16: 3e-3 relative in the gradients on the emulator's test shapes).
-        k_dtype = mx.float32 if opt.l2norm else k.dtype
-
-        def qkv_in(q, k, v):
+        # them, for half the bytes with bf16. q (scaled) and a normalised k are float32 for the
+        # backward (fla rounds a normalised k to bf16: 3e-3 relative in the gradients on the
+        # emulator's test shapes); the forward may take them in bf16 (kernels.forward_qk_type).
+        def qkv_in(q, k, v, qk_dtype=mx.float32):
+            k_dtype = qk_dtype if opt.l2norm else k.dtype
             return [kernels.rows_to_chunks(x, src, HV, C, scale=scale, l2norm=l2norm, dtype=dtype)
-                    for x, scale, l2norm, dtype in ((q, opt.scale, opt.l2norm, mx.float32),
+                    for x, scale, l2norm, dtype in ((q, opt.scale, opt.l2norm, qk_dtype),
                                                     (k, 1.0, opt.l2norm, k_dtype),
                                                     (v, 1.0, False, v.dtype))]
+
+        forward_qk = kernels.forward_qk_type(q.dtype == mx.bfloat16)
+        qkv_forward_in = lambda q, k, v: qkv_in(q, k, v, forward_qk)
 
         def qkv_grads(q, k, v, dq, dk, dv):
             return (kernels.chunks_to_rows(dq, dst, B, H, q.dtype, scale=opt.scale,
@@ -286,15 +289,15 @@ def _chunked(opt, C, seqs, packed, h0, q, k, v, g, beta, A_log, dt_bias):
         rows_out = lambda o: kernels.chunks_to_rows(o, dst, B, HV, q.dtype)
         chunks_in = lambda do: kernels.rows_to_chunks(do, src, HV, C)
     else:
-        qkv_in = _chunked_inputs(opt, C, rows, _prepare_qkv)
+        qkv_in = qkv_forward_in = _chunked_inputs(opt, C, rows, _prepare_qkv)
         qkv_grads = lambda q, k, v, *cotangents: mx.vjp(qkv_in, [q, k, v], list(cotangents))[1]
         rows_out = lambda o: _from_chunks(o, seqs, T, B, packed).astype(q.dtype)
         chunks_in = lambda do: _to_chunks(do.astype(mx.float32), seqs, C, packed)  # rows_out's VJP
 
     @mx.custom_function
     def core(q, k, v, g, beta, A_log, dt_bias, h0):
-        o, hT, states, u, kept = chunk_forward(*qkv_in(q, k, v), *gates(g, beta, A_log, dt_bias), h0,
-                                               segments, opt.keep_pieces, q.dtype)
+        o, hT, states, u, kept = chunk_forward(*qkv_forward_in(q, k, v), *gates(g, beta, A_log, dt_bias),
+                                               h0, segments, opt.keep_pieces, q.dtype)
         return (rows_out(o), hT, states, u, *kept)
 
     @core.vjp

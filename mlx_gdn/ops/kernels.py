@@ -76,7 +76,8 @@ PADDED_STRIDES = {"cuda": True}  # threadgroup arrays padded against CUDA's shar
 CUDA_MIN_THREADGROUPS = {"chunk_grads": 3, "chunk_scan_mma": 1}
 
 _override = None  # (backend name, factory) while use_factory is active
-_compiled = {}
+_builders = {}  # get_kernel's key -> (factory, header, source)
+_compiled = {}  # the same key and the arrays' types -> the kernel
 
 
 def backend():
@@ -103,29 +104,47 @@ def use_factory(name, factory):
 
 
 def get_kernel(name, threads=None, bf16_products=False):
-    """The kernel `name` for the current backend; `threads`, the threadgroup size it will be launched
-    with, is needed where CUDA_MIN_THREADGROUPS names the kernel. bf16_products: its 8x8 matrix
-    products take bfloat16 factors (GDN_MMA_BF16: the CUDA prelude and the emulator; Metal's
-    multiply in float)."""
+    """The kernel `name` for the current backend, called like mx.fast.metal_kernel's kernels;
+    `threads`, the threadgroup size it will be launched with, is needed where CUDA_MIN_THREADGROUPS
+    names the kernel. bf16_products: its 8x8 matrix products take bfloat16 factors (GDN_MMA_BF16:
+    the CUDA prelude and the emulator; Metal's multiply in float)."""
     which = backend()
     if which == "ops":
         raise RuntimeError("no kernel backend: Metal and CUDA are unavailable (or MLX_GDN_BACKEND=ops)")
     bounds = launch_bounds(name, threads) if which == "cuda" and _override is None else ""
     key = (which, name, id(_override[1]) if _override else None, bounds, bf16_products)
-    if key not in _compiled:
-        inputs, outputs = SPECS[name]
+    if key not in _builders:
         if _override is not None:
             factory, header = _override[1], BF16_PRODUCTS if bf16_products else ""
         elif which == "metal":
             factory, header = mx.fast.metal_kernel, metal_kernels.prelude("metal")
         else:
             factory, header = mx.fast.cuda_kernel, cuda_header(name, threads, bf16_products=bf16_products)
-        source = metal_kernels.source(name)
+        _builders[key] = (factory, header, metal_kernels.source(name))
+    return lambda **launch: _typed_kernel(key, launch["inputs"], launch["output_dtypes"])(**launch)
+
+
+def forget_kernels():
+    """Drop the kernels built so far (a benchmark swapping kernel bodies builds them anew)."""
+    _builders.clear()
+    _compiled.clear()
+
+
+def _typed_kernel(key, inputs, output_dtypes):
+    """get_kernel's kernel `key` built for these input and output types. MLX caches a compiled custom
+    kernel under its name and template values alone (in the process, and on CUDA also as PTX files
+    that later processes load), not the types of the arrays it was built for: the name carries
+    them, or a call with other types would run the code compiled for the first."""
+    types = tuple(str(x.dtype) for x in inputs) + tuple(str(d) for d in output_dtypes)
+    if key + types not in _compiled:
+        which, name = key[:2]
+        factory, header, source = _builders[key]
+        inputs_names, outputs_names = SPECS[name]
         if which in ("metal", "cuda"):
-            name = text_named(name, header + source)
-        _compiled[key] = factory(name=name, input_names=inputs, output_names=outputs,
-                                 source=source, header=header)
-    return _compiled[key]
+            name = text_named(name, " ".join(types) + header + source)
+        _compiled[key + types] = factory(name=name, input_names=inputs_names,
+                                         output_names=outputs_names, source=source, header=header)
+    return _compiled[key + types]
 
 
 BF16_PRODUCTS = "#define GDN_MMA_BF16\n"
@@ -152,10 +171,10 @@ def launch_bounds(name, threads, blocks=None):
 
 
 def text_named(name, text):
-    """name plus a digest of the kernel's text. MLX caches a compiled custom kernel under its name and
-    template values alone: in the process, and on CUDA also as PTX files (/tmp/mlx/<version>/ptx) that
-    later processes load. Under a fixed name, a changed body (a new mlx_gdn, or a variant being
-    measured) would run the code compiled first."""
+    """name plus a digest of the kernel's text (and its arrays' types). MLX caches a compiled custom
+    kernel under its name and template values alone: in the process, and on CUDA also as PTX files
+    (/tmp/mlx/<version>/ptx) that later processes load. Under a fixed name, a changed body (a new
+    mlx_gdn, or a variant being measured) would run the code compiled first."""
     return f"{name}_{hashlib.sha1(text.encode()).hexdigest()[:12]}"
 
 
@@ -256,10 +275,11 @@ def _resident_scan_choice(R, C, K, V, bf16_products):
     return _resident_scan_config(K, C, V, *_threadgroup_memory()) if wanted else None
 
 
-def _scan(A, X, Bm, Y, gamma, h_in, segments, reverse, bf16_products):
+def _scan(A, X, Bm, Y, gamma, h_in, segments, reverse, bf16_products, state_dtype=mx.float32):
     """The chunk_scan kernel on chunk-major arrays [N * B, HV, ...] (k, not Kt: Bm forward, A
-    backward); returns (states, x_new, h_out). bf16_products: the inputs were bfloat16, and where
-    SCAN_KERNEL picks the resident scan its products may be too (as fla's)."""
+    backward); returns (states, x_new, h_out), states and x_new in state_dtype (h_out float32).
+    bf16_products: the inputs were bfloat16, and where SCAN_KERNEL picks the resident scan its
+    products may be too (as fla's)."""
     NB, HV, C, K = A.shape
     V = X.shape[-1]
     S = len(segments)
@@ -275,7 +295,7 @@ def _scan(A, X, Bm, Y, gamma, h_in, segments, reverse, bf16_products):
         name, threads = "chunk_scan_mma", MMA_SCAN_THREADS
         tile, rows, extra = _mma_scan_config(K, C, threads, limit, padded)
     else:
-        name, threads, extra = "chunk_scan", SCAN_THREADS, ()
+        name, threads, extra = "chunk_scan", SCAN_THREADS, (("AT", A.dtype), ("BT", Bm.dtype))
         at_once = SCAN_RESIDENT.get(backend())  # threadgroups that run at once
         wide = at_once is not None and R * -(-V // SCAN_TILE) > at_once
         tile, rows = _scan_tiles(K, C, threads, limit, 2 * SCAN_TILE if wide else SCAN_TILE)
@@ -284,19 +304,21 @@ def _scan(A, X, Bm, Y, gamma, h_in, segments, reverse, bf16_products):
         inputs=[A, X, Bm, Y if has_y else mx.zeros((1,)), gamma.reshape(N, R, C), h_in,
                 *_scan_flags(segments, N, reverse), mx.array([N, R], dtype=mx.int32)],
         template=[("K", K), ("V", V), ("C", C), ("THREADS", threads), ("REVERSE", reverse),
-                  ("HAS_Y", has_y), *(() if in_registers else (("BV", tile), ("CB", rows))), *extra],
+                  ("HAS_Y", has_y), *(() if in_registers else (("BV", tile), ("CB", rows))),
+                  ("StateT", state_dtype), *extra],
         grid=(threads, -(-V // tile), R), threadgroup=(threads, 1, 1),
         output_shapes=[(N, R, K, V), (N, R, C, V), (S * R, K, V)],
-        output_dtypes=[mx.float32] * 3)
+        output_dtypes=[state_dtype, state_dtype, mx.float32])
     return (states.reshape(N * B, HV, K, V), x_new.reshape(N * B, HV, C, V),
             h_out.reshape(S * B, HV, K, V))
 
 
-def scan_forward(W, U, k, gamma, h0, segments, bf16_products=False):
+def scan_forward(W, U, k, gamma, h0, segments, bf16_products=False, state_dtype=mx.float32):
     """Kernel twin of chunk._scan_forward (same results), from k (any float type) and gamma instead
     of Kt = k e^{gamma_C - gamma} and decay = e^{gamma_C}: the kernel scales in place.
-    bf16_products: the op's inputs were bfloat16 (see _scan)."""
-    return _scan(W, U, k, None, gamma, h0, segments, False, bf16_products)
+    bf16_products: the op's inputs were bfloat16 (see _scan); the states and u in state_dtype
+    (forward_types)."""
+    return _scan(W, U, k, None, gamma, h0, segments, False, bf16_products, state_dtype)
 
 
 def scan_backward(PdO, QdO, k, W, gamma, dhT, segments, bf16_products=False):
@@ -330,7 +352,7 @@ def _pieces_config(C, limit, padded):
 # (1, 8192, 16).
 OUTPUT_KERNEL = "auto"
 OUTPUT_STAGE_ROWS = 32  # chunk_output: rows of S (columns of Q) a stage
-FACTORS_IN_BF16 = True  # see forward_piece_types
+FACTORS_IN_BF16 = True  # see forward_types
 
 
 def _output_config(C, K, V, limit, padded):
@@ -361,21 +383,41 @@ def _output_choice(C, K, V, bf16_products):
     return config
 
 
-def forward_piece_types(R, C, K, V, bf16_products):
-    """The types the forward's chunk pieces write W and P in: bfloat16 where their one reader (W:
-    the resident scan, P: the output kernel) rounds them to bfloat16 as factors anyway (BF16
-    products), so the results are the same with half the bytes; float32 elsewhere. R: the scan's
-    rows (batch x value heads). FACTORS_IN_BF16 = False keeps both float32. (Metal multiplies in
-    float whatever bf16_products says: float32 there.)"""
+def forward_types(R, C, K, V, bf16_products):
+    """The types the forward writes its intermediates in, (W, P, states and u): bfloat16 where the
+    forward's reader rounds them to bfloat16 as factors anyway (BF16 products), so its results are
+    the same with half the bytes; float32 elsewhere. W: read by the resident scan; P, the states
+    and u (the scan's x_new): by the output kernel. The states and u also go to the backward, which
+    then works from them in bfloat16 as fla's does (it recomputes h in bfloat16 and reads v_new in
+    bfloat16). R: the scan's rows (batch x value heads). FACTORS_IN_BF16 = False keeps all float32;
+    so does Metal (it multiplies in float whatever bf16_products says, and its SIMD-group loads
+    and stores take float)."""
     rounds = FACTORS_IN_BF16 and bf16_products and backend() != "metal"
     rounded = lambda used: mx.bfloat16 if rounds and used else mx.float32
-    return (rounded(_resident_scan_choice(R, C, K, V, bf16_products)),
-            rounded(_output_choice(C, K, V, bf16_products)))
+    output_kernel = _output_choice(C, K, V, bf16_products) is not None
+    return (rounded(_resident_scan_choice(R, C, K, V, bf16_products)), rounded(output_kernel),
+            rounded(output_kernel))
+
+
+# The forward's layout writes q (scaled) and k (L2-normalised) in bfloat16 for bfloat16 inputs where
+# products are BF16 (forward_qk_type): fla's precision (it normalises q and k into bfloat16 and its
+# kernels read them so), at half the bytes of the forward's largest arrays.
+QK_IN_BF16 = True
+
+
+def forward_qk_type(bf16_inputs):
+    """The type the forward's layout writes q and an L2-normalised k in: bfloat16 for bfloat16
+    inputs where "auto" multiplies in BF16 (_auto_bf16), with QK_IN_BF16; float32 elsewhere, and
+    always for the backward's own layout (its gradients come from float32 q and k). The resident
+    scan and the output kernel round them to bfloat16 anyway; the chunk pieces (K K^T, Q K^T, W)
+    then start from the rounded values, as fla's do."""
+    return mx.bfloat16 if QK_IN_BF16 and _auto_bf16(bf16_inputs) else mx.float32
 
 
 def chunk_output(q, states, P, u, gamma, dtype, bf16_products):
     """o = diag(e^gamma) q states + P u [..., C, V] in dtype by chunk_output.metal, from chunk-major
-    float32 q [..., C, K], states [..., K, V], P [..., C, C], u [..., C, V] and gamma [..., C, 1]; or
+    q [..., C, K], states [..., K, V], P [..., C, C], u [..., C, V] (float32, or bfloat16 as
+    forward_types gives them) and gamma [..., C, 1]; or
     None where OUTPUT_KERNEL leaves it to GEMMs or the kernel does not apply (_output_choice)."""
     *lead, C, K = q.shape
     V = u.shape[-1]
@@ -409,7 +451,7 @@ def _per_chunk_launch(q, v, config):
 def chunk_pieces(q, k, v, gamma, beta, all_pieces=True, types=(mx.float32, mx.float32)):
     """The chunk pieces kernel on chunk-major q, k [..., C, K], v [..., C, V] (any float type),
     gamma, beta [..., C, 1] (float32): (KKG, P, Tinv, W, U) as chunk._pieces_before_inverse /
-    _pieces_after_inverse give them, W and P in types (forward_piece_types); KKG and Tinv None
+    _pieces_after_inverse give them, W and P in types (forward_types); KKG and Tinv None
     unless all_pieces (the forward needs neither: two C x C arrays a chunk not written)."""
     w_type, p_type = types
     lead, C, K, V, launch = _per_chunk_launch(q, v, _pieces_config)

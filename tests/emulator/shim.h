@@ -140,28 +140,34 @@ inline simdgroup_float8x8 make_filled_simdgroup_matrix(T value) {
   return m;
 }
 
-inline void simdgroup_load(simdgroup_float8x8& m, const float* src, unsigned long stride) {
+// Pointers of float, or of bfloat16_t / half (the CUDA prelude's device-memory loads and stores;
+// Metal's take float only), converted element by element.
+template <typename T>
+inline void simdgroup_load(simdgroup_float8x8& m, const T* src, unsigned long stride) {
   for (int i = 0; i < 8; ++i)
-    for (int j = 0; j < 8; ++j) m.e[i * 8 + j] = src[i * stride + j];
+    for (int j = 0; j < 8; ++j) m.e[i * 8 + j] = static_cast<float>(src[i * stride + j]);
   m.product = false;
 }
 
-inline void simdgroup_load_transposed(simdgroup_float8x8& m, const float* src, unsigned long stride) {
+template <typename T>
+inline void simdgroup_load_transposed(simdgroup_float8x8& m, const T* src, unsigned long stride) {
   for (int i = 0; i < 8; ++i)
-    for (int j = 0; j < 8; ++j) m.e[i * 8 + j] = src[j * stride + i];
+    for (int j = 0; j < 8; ++j) m.e[i * 8 + j] = static_cast<float>(src[j * stride + i]);
   m.product = false;
 }
 
-inline void simdgroup_store(const simdgroup_float8x8& m, float* dst, unsigned long stride) {
+template <typename T>
+inline void simdgroup_store(const simdgroup_float8x8& m, T* dst, unsigned long stride) {
   const uint lane = emu::launch_state()->current->index % 32u, row = lane / 4, col = 2 * (lane % 4);
-  dst[row * stride + col] = m.e[row * 8 + col];
-  dst[row * stride + col + 1] = m.e[row * 8 + col + 1];
+  dst[row * stride + col] = static_cast<T>(m.e[row * 8 + col]);
+  dst[row * stride + col + 1] = static_cast<T>(m.e[row * 8 + col + 1]);
 }
 
-inline void simdgroup_store_transposed(const simdgroup_float8x8& m, float* dst, unsigned long stride) {
+template <typename T>
+inline void simdgroup_store_transposed(const simdgroup_float8x8& m, T* dst, unsigned long stride) {
   const uint lane = emu::launch_state()->current->index % 32u, row = lane / 4, col = 2 * (lane % 4);
-  dst[col * stride + row] = m.e[row * 8 + col];
-  dst[(col + 1) * stride + row] = m.e[row * 8 + col + 1];
+  dst[col * stride + row] = static_cast<T>(m.e[row * 8 + col]);
+  dst[(col + 1) * stride + row] = static_cast<T>(m.e[row * 8 + col + 1]);
 }
 
 // GDN_MMA_BF16 (defined ahead of this file by the kernel's header): factors rounded to bfloat16, as
