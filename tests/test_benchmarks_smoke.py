@@ -56,10 +56,11 @@ def test_cuda_resource_usage_compiles_every_chunk_kernel():
              ("chunk_scan_resident", "K=128 V=128 C=64 THREADS=256 CB=32 AST=136 BST=132 REVERSE=false "
                                      f"HAS_Y=false Bm:{bf16} A:{bf16} AT={bf16} BT={bf16} BF16_PRODUCTS=true "
                                      f"StateT={bf16} states:{bf16} x_new:{bf16}"),
-             ("chunk_output", "K=104 V=48 BV=48 C=64 THREADS=96 OutT=float KS=32 SST=52 QST=36 OST=52 PST=68"),
+             ("chunk_output", "K=104 V=48 BV=48 C=64 THREADS=96 OutT=float KS=32 SST=52 QST=36 OST=52 PST=68 "
+                              "ROWS=false HV=1 src:int32_t dims:int32_t"),
              ("chunk_output", f"K=128 V=256 BV=128 C=64 THREADS=256 OutT={bf16} o:{bf16} P:{bf16} q:{bf16} "
-                              f"states:{bf16} u:{bf16} BF16_PRODUCTS=true "
-                              "KS=32 SST=132 QST=36 OST=132 PST=68"),
+                              f"states:{bf16} u:{bf16} BF16_PRODUCTS=true KS=32 SST=132 QST=36 OST=132 PST=68 "
+                              "ROWS=true HV=32 src:int32_t dims:int32_t"),
              ("chunk_grads", f"K=100 V=60 C=64 THREADS=256 KC=16 CS=68 TS=68 k:{bf16} v:{bf16} u:{bf16}"),
              ("rows_to_chunks", "InT=float OutT=float D=100 HX=2 HV=4 C=64 L2NORM=true"),
              ("rows_to_chunks", f"InT={bf16} OutT={bf16} x:{bf16} y:{bf16} D=128 HX=2 HV=4 C=64 L2NORM=false"),

@@ -265,6 +265,28 @@ def test_chunk_output_with_bf16_products(emulated, monkeypatch):
         check_output(2, 32, 24, 48, mx.float32, bf16_products=True, tol=1e-4)
 
 
+@pytest.mark.parametrize("B,T,cu_seqlens", [(2, 40, None), (1, 45, [0, 13, 45])])
+def test_chunk_output_writes_token_rows(emulated, monkeypatch, B, T, cu_seqlens):
+    # given the layout's maps (the op's forward in one block), the kernel writes token rows
+    # [B, T, HV, V] itself: the rows of its chunk-major output as the ops layout takes them, padding
+    # (a sequence's last chunk; packed sequences) dropped
+    monkeypatch.setattr(kernels, "OUTPUT_KERNEL", "kernel")
+    C, HV, K, V = 16, 2, 16, 32
+    packed = cu_seqlens is not None
+    seqs = list(zip(cu_seqlens, cu_seqlens[1:])) if packed else [(0, T)] * B
+    src, _ = gated_delta._layout_maps(seqs, T, C, packed)
+    NB = src.shape[0] // C * B
+    rng = np.random.default_rng(T)
+    r = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32))
+    xs = (r(NB, HV, C, K), r(NB, HV, K, V), r(NB, HV, C, C), r(NB, HV, C, V),
+          -mx.cumsum(mx.abs(r(NB, HV, C, 1)) * 0.1, axis=-2))
+    chunked = kernels.chunk_output(*xs, mx.bfloat16, False)
+    rows = kernels.chunk_output(*xs, mx.bfloat16, False, rows=(src, B, T))
+    assert rows.shape == (B, T, HV, V) and rows.dtype == mx.bfloat16
+    expected = gated_delta._from_chunks(chunked, seqs, T, B, packed)
+    assert np.array_equal(np.array(rows.astype(mx.float32)), np.array(expected.astype(mx.float32)))
+
+
 def test_output_kernel_only_where_asked(emulated, monkeypatch):
     # OUTPUT_KERNEL "auto": the kernel where products may be bfloat16; GEMMs (None) elsewhere
     monkeypatch.setattr(kernels, "BF16_PRODUCT_BACKENDS", {"emulated"})

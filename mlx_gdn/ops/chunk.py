@@ -240,11 +240,13 @@ def _scan_backward(PdO, QdO, Kt, W, decay, dhT, segments):
     return mx.concatenate(du), mx.concatenate(dh_next), mx.concatenate(dh0)
 
 
-def _forward_block(q, k, v, g, beta, h0, segments, keep=False, out_dtype=mx.float32):
+def _forward_block(q, k, v, g, beta, h0, segments, keep=False, out_dtype=mx.float32, to_rows=None):
     """One block of chunks: (o, final states, per-chunk start states, new values u), then with
     `keep` the pieces the backward would otherwise compute again (_ChunkPieces.KEPT). o is float32,
-    or out_dtype where the output kernel writes it (kernels.chunk_output); the states and u are
-    float32, or bfloat16 where kernels.forward_types says."""
+    or out_dtype where the output kernel writes it (kernels.chunk_output); chunk-major, or given
+    to_rows = (src, dst, B, T) (kernels.rows_to_chunks' maps; the block is the whole input) token
+    rows [B, T, HV, V] in out_dtype. The states and u are float32, or bfloat16 where
+    kernels.forward_types says."""
     bf16_products = v.dtype == mx.bfloat16
     w_type = p_type = state_type = mx.float32
     if kernels.backend() != "ops":
@@ -260,10 +262,20 @@ def _forward_block(q, k, v, g, beta, h0, segments, keep=False, out_dtype=mx.floa
     else:
         states, u, hT = kernels.scan_forward(pc.W, pc.U, k, pc.gamma, h0, segments, bf16_products,
                                              state_type)
-        o = kernels.chunk_output(q, states, pc.P, u, pc.gamma, out_dtype, bf16_products)
+        o = kernels.chunk_output(q, states, pc.P, u, pc.gamma, out_dtype, bf16_products,
+                                 None if to_rows is None else (to_rows[0], *to_rows[2:]))
+        if o is None and to_rows is not None:
+            o = _rows(fused(_output)(q, pc.eg, states, pc.P, u), to_rows, out_dtype)
     if o is None:
         o = fused(_output)(q, pc.eg, states, pc.P, u)
     return (o, hT, states, u) + (tuple(getattr(pc, name) for name in pc.KEPT) if keep else ())
+
+
+def _rows(o, to_rows, dtype):
+    """Chunk-major o [N * B, HV, C, V] -> token rows [B, T, HV, V] in dtype (to_rows as in
+    _forward_block)."""
+    _, dst, B, _ = to_rows
+    return kernels.chunks_to_rows(o, dst, B, o.shape[1], dtype)
 
 
 def _output(q, eg, states, P, u):
@@ -395,10 +407,13 @@ def _one_array(arrays):
     return views
 
 
-def chunk_forward(q, k, v, g, beta, h0, segments, keep=False, out_dtype=mx.float32):
+def chunk_forward(q, k, v, g, beta, h0, segments, keep=False, out_dtype=mx.float32, to_rows=None):
     """Block by block (the scan state carried across): (o, final states, per-chunk start states, u,
     kept), kept the chunk pieces for chunk_backward with `keep` (more memory, a faster backward),
-    else (). o is float32, or out_dtype (the op's output type) where a kernel writes it."""
+    else (). o is chunk-major, float32 or out_dtype (the op's output type) where a kernel writes
+    it; given to_rows = (src, dst, B, T), the maps of kernels.rows_to_chunks (GPU), token rows
+    [B, T, HV, V] in out_dtype, which the output kernel writes directly where the input is one
+    block."""
     nb = h0.shape[0] // len(segments)
     HV, C, K = q.shape[1:]
     blocks = _blocks(q.shape[0] // nb, C, segments, _block_tokens(BLOCK_TOKENS, HV, C, K, v.shape[-1]))
@@ -409,7 +424,7 @@ def chunk_forward(q, k, v, g, beta, h0, segments, keep=False, out_dtype=mx.float
                                  for s, _, _, first, _ in pieces])
         local = tuple((lo, hi) for _, lo, hi, _, _ in pieces)
         o, ends, *for_backward = _over_head_groups(  # states, u (and the pieces with keep)
-            lambda *xs: _forward_block(*xs, local, keep, out_dtype),
+            lambda *xs: _forward_block(*xs, local, keep, out_dtype, None if len(blocks) > 1 else to_rows),
             (q[rows], k[rows], v[rows], g[rows], beta[rows], starts))
         if len(blocks) > 1:
             o, ends, *for_backward = _one_array((o, ends, *for_backward))
@@ -420,6 +435,8 @@ def chunk_forward(q, k, v, g, beta, h0, segments, keep=False, out_dtype=mx.float
                 carry = ends[i * nb:(i + 1) * nb]
         outs.append((o, *for_backward))
     o, states, u, *kept = (mx.concatenate(x) for x in zip(*outs))
+    if to_rows is not None and len(blocks) > 1:
+        o = _rows(o, to_rows, out_dtype)
     return o, mx.concatenate(finals), states, u, tuple(kept)
 
 

@@ -255,14 +255,15 @@ def _chunked(opt, C, seqs, packed, h0, q, k, v, g, beta, A_log, dt_bias):
     backward takes the cotangents the same two ways. Only the raw inputs are kept for the backward,
     which lays them out again: not the chunk-major copies, nor the float32 output.
     On Metal/CUDA (q, k, v of one dtype) the layout of q, k, v and of the output is the layout
-    kernels' (kernels.rows_to_chunks / chunks_to_rows, each the other's VJP, with the L2 norm's);
-    otherwise, and for the gates (small), MLX ops and their autodiff.
+    kernels' (kernels.rows_to_chunks / chunks_to_rows, each the other's VJP, with the L2 norm's;
+    where the output kernel runs, it writes token rows itself); otherwise, and for the gates
+    (small), MLX ops and their autodiff.
     Returns (o [B, T, HV, V] in q's dtype, final state)."""
     B, T, H = q.shape[:3]
     HV = v.shape[2]
     segments = _segments(seqs, C, packed)
-    rows = seqs if packed else None
-    gates = _chunked_inputs(opt, C, rows, _prepare_gates)
+    seq_rows = seqs if packed else None
+    gates = _chunked_inputs(opt, C, seq_rows, _prepare_gates)
     if kernels.backend() != "ops" and q.dtype == k.dtype == v.dtype:
         src, dst = _layout_maps(seqs, T, C, packed)
 
@@ -286,18 +287,20 @@ def _chunked(opt, C, seqs, packed, h0, q, k, v, g, beta, A_log, dt_bias):
                     kernels.chunks_to_rows(dk, dst, B, H, k.dtype, x=k if opt.l2norm else None),
                     kernels.chunks_to_rows(dv, dst, B, HV, v.dtype))
 
-        rows_out = lambda o: kernels.chunks_to_rows(o, dst, B, HV, q.dtype)
+        rows = (src, dst, B, T)
+        rows_out = lambda o: o  # chunk_forward gives token rows, given `rows`
         chunks_in = lambda do: kernels.rows_to_chunks(do, src, HV, C)
     else:
-        qkv_in = qkv_forward_in = _chunked_inputs(opt, C, rows, _prepare_qkv)
+        qkv_in = qkv_forward_in = _chunked_inputs(opt, C, seq_rows, _prepare_qkv)
         qkv_grads = lambda q, k, v, *cotangents: mx.vjp(qkv_in, [q, k, v], list(cotangents))[1]
+        rows = None
         rows_out = lambda o: _from_chunks(o, seqs, T, B, packed).astype(q.dtype)
         chunks_in = lambda do: _to_chunks(do.astype(mx.float32), seqs, C, packed)  # rows_out's VJP
 
     @mx.custom_function
     def core(q, k, v, g, beta, A_log, dt_bias, h0):
         o, hT, states, u, kept = chunk_forward(*qkv_forward_in(q, k, v), *gates(g, beta, A_log, dt_bias),
-                                               h0, segments, opt.keep_pieces, q.dtype)
+                                               h0, segments, opt.keep_pieces, q.dtype, rows)
         return (rows_out(o), hT, states, u, *kept)
 
     @core.vjp

@@ -22,7 +22,7 @@ SPECS = {
     "chunk_scan_mma": _SCAN_IO,
     "chunk_scan_resident": _SCAN_IO,
     "chunk_pieces": (["q", "k", "v", "gamma", "beta"], ["KKG", "P", "T", "W", "U"]),
-    "chunk_output": (["q", "states", "P", "u", "gamma"], ["o"]),
+    "chunk_output": (["q", "states", "P", "u", "gamma", "src", "dims"], ["o"]),
     "chunk_grads": (["q", "k", "v", "dout", "u", "du", "du_h", "dKt", "dQg", "T", "W", "U", "KKG", "P",
                      "gamma", "beta", "dchunk"], ["dq", "dk", "dv", "dg", "dbeta"]),
     "rows_to_chunks": (["x", "src", "scale", "dims"], ["y"]),
@@ -414,12 +414,13 @@ def forward_qk_type(bf16_inputs):
     return mx.bfloat16 if QK_IN_BF16 and _auto_bf16(bf16_inputs) else mx.float32
 
 
-def chunk_output(q, states, P, u, gamma, dtype, bf16_products):
-    """o = diag(e^gamma) q states + P u [..., C, V] in dtype by chunk_output.metal, from chunk-major
-    q [..., C, K], states [..., K, V], P [..., C, C], u [..., C, V] (float32, or bfloat16 as
-    forward_types gives them) and gamma [..., C, 1]; or
+def chunk_output(q, states, P, u, gamma, dtype, bf16_products, rows=None):
+    """o = diag(e^gamma) q states + P u [N * B, HV, C, V] in dtype by chunk_output.metal, from
+    chunk-major q [N * B, HV, C, K], states [..., K, V], P [..., C, C], u [..., C, V] (float32, or
+    bfloat16 as forward_types gives them) and gamma [..., C, 1]; given rows = (src, B, T) (src:
+    rows_to_chunks' map of the N C padded positions), o comes as token rows [B, T, HV, V] instead.
     None where OUTPUT_KERNEL leaves it to GEMMs or the kernel does not apply (_output_choice)."""
-    *lead, C, K = q.shape
+    _, HV, C, K = q.shape
     V = u.shape[-1]
     choice = _output_choice(C, K, V, bf16_products)
     if choice is None:
@@ -427,12 +428,18 @@ def chunk_output(q, states, P, u, gamma, dtype, bf16_products):
     bv, config = choice
     threads = 32 * (bv // 16)
     M = q.size // (C * K)
+    if rows is None:  # placeholders (src is read only with ROWS; dims[0] = B = 1)
+        src = dims = constant(("int32 ones", 2), lambda: mx.ones((2,), dtype=mx.int32))
+        shape = (*q.shape[:-1], V)
+    else:
+        src, B, T = rows
+        dims, shape = mx.array([B, T], dtype=mx.int32), (B, T, HV, V)
     return get_kernel("chunk_output", threads, bf16_products)(
-        inputs=[q, states, P, u, gamma.reshape(M, C)],
+        inputs=[q, states, P, u, gamma.reshape(M, C), src, dims],
         template=[("K", K), ("V", V), ("BV", bv), ("C", C), ("THREADS", threads), ("OutT", dtype),
-                  *config],
+                  *config, ("ROWS", rows is not None), ("HV", HV)],
         grid=(threads * M, V // bv, 1), threadgroup=(threads, 1, 1),
-        output_shapes=[(*lead, C, V)], output_dtypes=[dtype])[0]
+        output_shapes=[shape], output_dtypes=[dtype])[0]
 
 
 def _per_chunk_launch(q, v, config):
