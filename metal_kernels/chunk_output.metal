@@ -34,13 +34,16 @@ constexpr int STAGE = KS * SST + C * QST;
 constexpr int AFTER = C * (OST > PST ? OST : PST);
 threadgroup float x_s[STAGE > AFTER ? STAGE : AFTER];
 threadgroup float eg_s[C];
+threadgroup int t_s[C];  // ROWS: the token of each row of the chunk, or -1
 constexpr int QS = KS * SST;  // the stage's Q rows after its S rows
 const uint tid = thread_position_in_threadgroup.x;
 const int v0 = 16 * (int)simdgroup_index_in_threadgroup;  // in the threadgroup's columns
 const uint m = threadgroup_position_in_grid.x;
 const uint vt = threadgroup_position_in_grid.y * BV;  // the threadgroup's first column
+const uint hv = m % HV, b = m / HV % dims[0], n = m / HV / dims[0];  // ROWS: chunk n of batch row b
 for (int c = (int)tid; c < C; c += THREADS) {
   eg_s[c] = exp(gamma[m * C + c]);
+  t_s[c] = ROWS ? src[n * C + c] : -1;
 }
 
 // 1. (Q S)^T: tiles (value rows v0 + 8 h, chunk columns 8 i), h = 0 in acc, h = 1 in acc2
@@ -122,13 +125,12 @@ for (int i = 0; i < CT; ++i) {
 threadgroup_barrier(mem_flags::mem_threadgroup);
 
 // 4. out
-const uint hv = m % HV, b = m / HV % dims[0], n = m / HV / dims[0];  // ROWS: chunk n of batch row b
 for (int e = (int)tid; e < C * BV; e += THREADS) {
   const int c = e / BV;
   const OutT x = static_cast<OutT>(x_s[c * OST + e % BV]);
   if (!ROWS) {
     o[(m * C + c) * V + vt + e % BV] = x;
-  } else if (src[n * C + c] >= 0) {
-    o[((b * dims[1] + src[n * C + c]) * HV + hv) * V + vt + e % BV] = x;
+  } else if (t_s[c] >= 0) {
+    o[((b * dims[1] + t_s[c]) * HV + hv) * V + vt + e % BV] = x;
   }
 }
