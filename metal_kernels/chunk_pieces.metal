@@ -17,8 +17,12 @@
 // strides of the threadgroup arrays (padded on CUDA against bank conflicts): CS (C x C, >= C), TS
 // (staged q^T and k^T, >= C), ALL_PIECES: KKG and T are written only with it (the forward needs
 // P, W and U; the backward all five), and PT, WT: the types P and W are written in (float, or
-// bfloat16 where the forward's one reader of each rounds its factors to bfloat16 anyway).
-// Inputs: q, k [M,C,K]; v [M,C,V] (any float type); gamma, beta [M,C] float32.
+// bfloat16 where the forward's one reader of each rounds its factors to bfloat16 anyway); V_ROWS
+// and HV: v is read from token rows (the forward's: no layout pass over v; chunk m is
+// (n B + b) HV + h).
+// Inputs: q, k [M,C,K]; v [M,C,V], or with V_ROWS [B,T,HV,V] (any float type); gamma, beta [M,C]
+// float32; src [N C] int32 and dims [2] int32 (B, T), read only with V_ROWS: the token at each
+// padded position of a batch row, or -1 (kernels.rows_to_chunks' map).
 // Outputs: KKG, P, T [M,C,C] (P in PT); W [M,C,K] (WT); U [M,C,V].
 constexpr int SG = THREADS / 32;
 constexpr int NB = C / 8;                     // 8-row blocks of a chunk
@@ -34,10 +38,20 @@ constexpr int QT = 0, KT = KC * TS;           // the stage of step 1 in x_s: q^T
 constexpr int RX = 2 * KC * TS > C * CS ? 2 * KC * TS : C * CS;
 threadgroup float x_s[RX];  // stage of q^T, k^T; then Q K^T; then T
 threadgroup float y_s[C * CS];  // K K^T, then -A; then a staged k or v block
+threadgroup uint v_s[C];  // where each row of the chunk starts in v (V_ROWS: ~0u for padding)
 const uint tid = thread_position_in_threadgroup.x;
 const int sg = (int)simdgroup_index_in_threadgroup;
 const uint m = threadgroup_position_in_grid.x;
-const uint g0 = m * C;  // the chunk's first row in gamma, beta, q, k, v
+const uint g0 = m * C;  // the chunk's first row in gamma, beta, q, k (and v unless V_ROWS)
+for (int c = (int)tid; c < C; c += THREADS) {
+  if (V_ROWS) {  // chunk n of batch row b, head h
+    const uint h = m % HV, b = m / HV % dims[0], n = m / HV / dims[0];
+    const int t = src[n * C + c];
+    v_s[c] = t < 0 ? ~0u : ((b * dims[1] + t) * HV + h) * V;
+  } else {
+    v_s[c] = (g0 + c) * V;
+  }
+}
 
 // 1. K K^T and Q K^T: thread tile (ti, tj), ti >= tj, rows 4 ti + a, columns 4 tj + b
 float kk_acc[IPT][4][4], qk_acc[IPT][4][4];
@@ -168,10 +182,10 @@ for (int blk = 0; blk < NKB + NVB; ++blk) {
   for (int e = (int)tid; e < C * C; e += THREADS) {
     const int c = e / C, j = e % C;
     float x = 0.0f;
-    if (c0 + j < width) {
+    if (c0 + j < width && (is_w || v_s[c] != ~0u)) {
       const float b = beta[g0 + c];
       x = is_w ? static_cast<float>(k[(g0 + c) * K + c0 + j]) * (b * exp(gamma[g0 + c]))
-               : static_cast<float>(v[(g0 + c) * V + c0 + j]) * b;
+               : static_cast<float>(v[v_s[c] + c0 + j]) * b;
     }
     y_s[c * CS + j] = x;
   }

@@ -42,9 +42,12 @@ def test_cuda_resource_usage_compiles_every_chunk_kernel():
     # (and with bfloat16 buffers where the op passes q, k, v in bfloat16, and where the forward's
     # intermediates are bfloat16: kernels.forward_types)
     bf16 = "__nv_bfloat16"
-    cases = [("chunk_pieces", "K=100 V=60 C=64 THREADS=256 KC=32 CS=68 TS=68 ALL_PIECES=true WT=float PT=float"),
+    rows = "src:int32_t dims:int32_t"
+    cases = [("chunk_pieces", "K=100 V=60 C=64 THREADS=256 KC=32 CS=68 TS=68 ALL_PIECES=true WT=float PT=float "
+                              f"V_ROWS=false HV=1 {rows}"),
              ("chunk_pieces", f"K=128 V=128 C=64 THREADS=256 KC=32 CS=68 TS=68 ALL_PIECES=false "
-                              f"k:{bf16} v:{bf16} WT={bf16} PT={bf16} W:{bf16} P:{bf16}"),
+                              f"q:{bf16} k:{bf16} v:{bf16} WT={bf16} PT={bf16} W:{bf16} P:{bf16} "
+                              f"V_ROWS=true HV=32 {rows}"),
              ("chunk_scan_mma", "K=128 V=128 C=64 THREADS=512 BV=16 CB=32 KS=4 REVERSE=true "
                                 f"HAS_Y=true AST=132 BST=36 HST=24 A:{bf16} StateT=float"),
              ("chunk_scan", f"K=200 V=400 C=64 THREADS=256 BV=16 CB=16 REVERSE=false HAS_Y=false StateT={bf16} "
@@ -57,10 +60,10 @@ def test_cuda_resource_usage_compiles_every_chunk_kernel():
                                      f"HAS_Y=false Bm:{bf16} A:{bf16} AT={bf16} BT={bf16} BF16_PRODUCTS=true "
                                      f"StateT={bf16} states:{bf16} x_new:{bf16}"),
              ("chunk_output", "K=104 V=48 BV=48 C=64 THREADS=96 OutT=float KS=32 SST=52 QST=36 OST=52 PST=68 "
-                              "ROWS=false HV=1 src:int32_t dims:int32_t"),
+                              f"ROWS=false HV=1 {rows}"),
              ("chunk_output", f"K=128 V=256 BV=128 C=64 THREADS=256 OutT={bf16} o:{bf16} P:{bf16} q:{bf16} "
                               f"states:{bf16} u:{bf16} BF16_PRODUCTS=true KS=32 SST=132 QST=36 OST=132 PST=68 "
-                              "ROWS=true HV=32 src:int32_t dims:int32_t"),
+                              f"ROWS=true HV=32 {rows}"),
              ("chunk_grads", f"K=100 V=60 C=64 THREADS=256 KC=16 CS=68 TS=68 k:{bf16} v:{bf16} u:{bf16}"),
              ("rows_to_chunks", "InT=float OutT=float D=100 HX=2 HV=4 C=64 L2NORM=true"),
              ("rows_to_chunks", f"InT={bf16} OutT={bf16} x:{bf16} y:{bf16} D=128 HX=2 HV=4 C=64 L2NORM=false"),

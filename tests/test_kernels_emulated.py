@@ -287,6 +287,26 @@ def test_chunk_output_writes_token_rows(emulated, monkeypatch, B, T, cu_seqlens)
     assert np.array_equal(np.array(rows.astype(mx.float32)), np.array(expected.astype(mx.float32)))
 
 
+@pytest.mark.parametrize("B,T,cu_seqlens", [(2, 40, None), (1, 45, [0, 13, 45])])
+def test_chunk_pieces_read_v_from_token_rows(emulated, B, T, cu_seqlens):
+    # given the layout's map (the op's forward in one block), the chunk pieces read v from its token
+    # rows [B, T, HV, V]: the same pieces as from its chunk-major layout (zeros where padded)
+    C, HV, K, V = 16, 2, 16, 32
+    packed = cu_seqlens is not None
+    seqs = list(zip(cu_seqlens, cu_seqlens[1:])) if packed else [(0, T)] * B
+    src, _ = gated_delta._layout_maps(seqs, T, C, packed)
+    NB = src.shape[0] // C * B
+    rng = np.random.default_rng(T)
+    r = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32))
+    v = r(B, T, HV, V).astype(mx.bfloat16)
+    q, k = r(NB, HV, C, K) * 0.3, r(NB, HV, C, K) * 0.3
+    gamma, beta = -mx.cumsum(mx.abs(r(NB, HV, C, 1)) * 0.1, axis=-2), mx.sigmoid(r(NB, HV, C, 1))
+    chunked = kernels.chunk_pieces(q, k, kernels.rows_to_chunks(v, src, HV, C, dtype=v.dtype), gamma, beta)
+    from_rows = kernels.chunk_pieces(q, k, v, gamma, beta, v_rows=(src, B, T))
+    for a, b in zip(chunked, from_rows):
+        assert np.array_equal(np.array(a), np.array(b))
+
+
 def test_output_kernel_only_where_asked(emulated, monkeypatch):
     # OUTPUT_KERNEL "auto": the kernel where products may be bfloat16; GEMMs (None) elsewhere
     monkeypatch.setattr(kernels, "BF16_PRODUCT_BACKENDS", {"emulated"})
@@ -438,8 +458,8 @@ def test_bf16_grads_with_auto_bf16_kernels(emulated, monkeypatch):
                         rows_to_chunks(*a, **kw))
     monkeypatch.setattr(kernels, "scan_forward", lambda *a: scans.append(a[-1]) or scan_forward(*a))
     got = grads()
-    # q, k, v forward; q, k, v and the output's cotangent backward
-    assert layouts == [mx.bfloat16, mx.bfloat16, mx.bfloat16, mx.float32, mx.float32, mx.bfloat16, None]
+    # q, k forward (the chunk pieces read v from its rows); q, k, v and the output's cotangent backward
+    assert layouts == [mx.bfloat16, mx.bfloat16, mx.float32, mx.float32, mx.bfloat16, None]
     assert scans == [mx.bfloat16]
     with kernels.use_factory("ops", None):
         ref = grads()

@@ -185,7 +185,8 @@ class _ChunkPieces:
 
     KEPT = ("KKG", "P", "Tinv", "W", "U")  # what the backward can take from the forward instead
 
-    def __init__(self, q, k, v, g, beta, kept=(), all_pieces=True, types=(mx.float32, mx.float32)):
+    def __init__(self, q, k, v, g, beta, kept=(), all_pieces=True, types=(mx.float32, mx.float32),
+                 v_rows=None):
         C = q.shape[-2]
         self.incl, self.strict = _masks(C)
         self.gamma, self.eg, self.tail, self.decay = fused(_gates)(g)
@@ -198,7 +199,7 @@ class _ChunkPieces:
                 self.W, self.U = fused(_pieces_after_inverse)(self.Tinv, k, v, beta, self.eg)
                 return
         self.KKG, self.P, self.Tinv, self.W, self.U = kept or kernels.chunk_pieces(
-            q, k, v, self.gamma, beta, all_pieces, types)
+            q, k, v, self.gamma, beta, all_pieces, types, v_rows)
         if self.KKG is not None:
             self.Gam, self.A = fused(_gated_from_kernel)(self.gamma, self.KKG, beta, self.incl)
 
@@ -244,9 +245,9 @@ def _forward_block(q, k, v, g, beta, h0, segments, keep=False, out_dtype=mx.floa
     """One block of chunks: (o, final states, per-chunk start states, new values u), then with
     `keep` the pieces the backward would otherwise compute again (_ChunkPieces.KEPT). o is float32,
     or out_dtype where the output kernel writes it (kernels.chunk_output); chunk-major, or given
-    to_rows = (src, dst, B, T) (kernels.rows_to_chunks' maps; the block is the whole input) token
-    rows [B, T, HV, V] in out_dtype. The states and u are float32, or bfloat16 where
-    kernels.forward_types says."""
+    to_rows = (src, dst, B, T) (kernels.rows_to_chunks' maps; the block is the whole input, and v
+    comes in token rows [B, T, HV, V]) token rows in out_dtype. The states and u are float32, or
+    bfloat16 where kernels.forward_types says."""
     bf16_products = v.dtype == mx.bfloat16
     w_type = p_type = state_type = mx.float32
     if kernels.backend() != "ops":
@@ -255,15 +256,15 @@ def _forward_block(q, k, v, g, beta, h0, segments, keep=False, out_dtype=mx.floa
                                                            bf16_products)
         if keep:  # kept pieces go to the backward in float32
             w_type = p_type = mx.float32
-    pc = _ChunkPieces(q, k, v, g, beta, all_pieces=keep, types=(w_type, p_type))
+    rows = None if to_rows is None else (to_rows[0], *to_rows[2:])  # (src, B, T) for the kernels
+    pc = _ChunkPieces(q, k, v, g, beta, all_pieces=keep, types=(w_type, p_type), v_rows=rows)
     o = None
     if kernels.backend() == "ops":
         states, u, hT = _scan_forward(pc.W, pc.U, pc.Kt, pc.decay, h0, segments)
     else:
         states, u, hT = kernels.scan_forward(pc.W, pc.U, k, pc.gamma, h0, segments, bf16_products,
                                              state_type)
-        o = kernels.chunk_output(q, states, pc.P, u, pc.gamma, out_dtype, bf16_products,
-                                 None if to_rows is None else (to_rows[0], *to_rows[2:]))
+        o = kernels.chunk_output(q, states, pc.P, u, pc.gamma, out_dtype, bf16_products, rows)
         if o is None and to_rows is not None:
             o = _rows(fused(_output)(q, pc.eg, states, pc.P, u), to_rows, out_dtype)
     if o is None:
@@ -411,21 +412,24 @@ def chunk_forward(q, k, v, g, beta, h0, segments, keep=False, out_dtype=mx.float
     """Block by block (the scan state carried across): (o, final states, per-chunk start states, u,
     kept), kept the chunk pieces for chunk_backward with `keep` (more memory, a faster backward),
     else (). o is chunk-major, float32 or out_dtype (the op's output type) where a kernel writes
-    it; given to_rows = (src, dst, B, T), the maps of kernels.rows_to_chunks (GPU), token rows
-    [B, T, HV, V] in out_dtype, which the output kernel writes directly where the input is one
-    block."""
+    it. Given to_rows = (src, dst, B, T), the maps of kernels.rows_to_chunks (GPU), v comes in token
+    rows [B, T, HV, V] and so does o, in out_dtype: where the input is one block, the chunk pieces
+    read v and the output kernel writes o as they are (no layout passes)."""
     nb = h0.shape[0] // len(segments)
     HV, C, K = q.shape[1:]
     blocks = _blocks(q.shape[0] // nb, C, segments, _block_tokens(BLOCK_TOKENS, HV, C, K, v.shape[-1]))
     outs, finals, carry = [], [None] * len(segments), None
+    whole = to_rows if len(blocks) == 1 else None  # the one block reads v and writes o as rows
+    if to_rows is not None and whole is None:
+        v = kernels.rows_to_chunks(v, to_rows[0], HV, C, dtype=v.dtype)
     for b0, b1, pieces in blocks:
         rows = slice(b0 * nb, b1 * nb)
         starts = mx.concatenate([h0[s * nb:(s + 1) * nb] if first else carry
                                  for s, _, _, first, _ in pieces])
         local = tuple((lo, hi) for _, lo, hi, _, _ in pieces)
         o, ends, *for_backward = _over_head_groups(  # states, u (and the pieces with keep)
-            lambda *xs: _forward_block(*xs, local, keep, out_dtype, None if len(blocks) > 1 else to_rows),
-            (q[rows], k[rows], v[rows], g[rows], beta[rows], starts))
+            lambda *xs: _forward_block(*xs, local, keep, out_dtype, whole),
+            (q[rows], k[rows], v if whole else v[rows], g[rows], beta[rows], starts))
         if len(blocks) > 1:
             o, ends, *for_backward = _one_array((o, ends, *for_backward))
         for i, (s, _, _, _, last) in enumerate(pieces):
@@ -435,7 +439,7 @@ def chunk_forward(q, k, v, g, beta, h0, segments, keep=False, out_dtype=mx.float
                 carry = ends[i * nb:(i + 1) * nb]
         outs.append((o, *for_backward))
     o, states, u, *kept = (mx.concatenate(x) for x in zip(*outs))
-    if to_rows is not None and len(blocks) > 1:
+    if to_rows is not None and whole is None:
         o = _rows(o, to_rows, out_dtype)
     return o, mx.concatenate(finals), states, u, tuple(kept)
 

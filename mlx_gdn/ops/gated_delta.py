@@ -271,15 +271,18 @@ def _chunked(opt, C, seqs, packed, h0, q, k, v, g, beta, A_log, dt_bias):
         # them, for half the bytes with bf16. q (scaled) and a normalised k are float32 for the
         # backward (fla rounds a normalised k to bf16: 3e-3 relative in the gradients on the
         # emulator's test shapes); the forward may take them in bf16 (kernels.forward_qk_type).
-        def qkv_in(q, k, v, qk_dtype=mx.float32):
-            k_dtype = qk_dtype if opt.l2norm else k.dtype
-            return [kernels.rows_to_chunks(x, src, HV, C, scale=scale, l2norm=l2norm, dtype=dtype)
-                    for x, scale, l2norm, dtype in ((q, opt.scale, opt.l2norm, qk_dtype),
-                                                    (k, 1.0, opt.l2norm, k_dtype),
-                                                    (v, 1.0, False, v.dtype))]
+        def layout(x, scale=1.0, l2norm=False, dtype=None):
+            return kernels.rows_to_chunks(x, src, HV, C, scale=scale, l2norm=l2norm,
+                                          dtype=dtype or x.dtype)
+
+        def qk_in(q, k, dtype):
+            return [layout(q, opt.scale, opt.l2norm, dtype),
+                    layout(k, 1.0, opt.l2norm, dtype if opt.l2norm else k.dtype)]
 
         forward_qk = kernels.forward_qk_type(q.dtype == mx.bfloat16)
-        qkv_forward_in = lambda q, k, v: qkv_in(q, k, v, forward_qk)
+        qkv_in = lambda q, k, v: qk_in(q, k, mx.float32) + [layout(v)]
+        # the forward's v stays in token rows: chunk_forward reads it so (`rows`)
+        qkv_forward_in = lambda q, k, v: qk_in(q, k, forward_qk) + [v]
 
         def qkv_grads(q, k, v, dq, dk, dv):
             return (kernels.chunks_to_rows(dq, dst, B, H, q.dtype, scale=opt.scale,
@@ -288,7 +291,7 @@ def _chunked(opt, C, seqs, packed, h0, q, k, v, g, beta, A_log, dt_bias):
                     kernels.chunks_to_rows(dv, dst, B, HV, v.dtype))
 
         rows = (src, dst, B, T)
-        rows_out = lambda o: o  # chunk_forward gives token rows, given `rows`
+        rows_out = lambda o: o  # chunk_forward gives the output in token rows, given `rows`
         chunks_in = lambda do: kernels.rows_to_chunks(do, src, HV, C)
     else:
         qkv_in = qkv_forward_in = _chunked_inputs(opt, C, seq_rows, _prepare_qkv)

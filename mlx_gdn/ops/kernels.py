@@ -21,7 +21,7 @@ SPECS = {
     "chunk_scan": _SCAN_IO,  # the SIMT and the SIMD-group-matrix scans take the same arguments
     "chunk_scan_mma": _SCAN_IO,
     "chunk_scan_resident": _SCAN_IO,
-    "chunk_pieces": (["q", "k", "v", "gamma", "beta"], ["KKG", "P", "T", "W", "U"]),
+    "chunk_pieces": (["q", "k", "v", "gamma", "beta", "src", "dims"], ["KKG", "P", "T", "W", "U"]),
     "chunk_output": (["q", "states", "P", "u", "gamma", "src", "dims"], ["o"]),
     "chunk_grads": (["q", "k", "v", "dout", "u", "du", "du_h", "dKt", "dQg", "T", "W", "U", "KKG", "P",
                      "gamma", "beta", "dchunk"], ["dq", "dk", "dv", "dg", "dbeta"]),
@@ -428,12 +428,8 @@ def chunk_output(q, states, P, u, gamma, dtype, bf16_products, rows=None):
     bv, config = choice
     threads = 32 * (bv // 16)
     M = q.size // (C * K)
-    if rows is None:  # placeholders (src is read only with ROWS; dims[0] = B = 1)
-        src = dims = constant(("int32 ones", 2), lambda: mx.ones((2,), dtype=mx.int32))
-        shape = (*q.shape[:-1], V)
-    else:
-        src, B, T = rows
-        dims, shape = mx.array([B, T], dtype=mx.int32), (B, T, HV, V)
+    src, dims = _row_maps(rows)
+    shape = (*q.shape[:-1], V) if rows is None else (rows[1], rows[2], HV, V)
     return get_kernel("chunk_output", threads, bf16_products)(
         inputs=[q, states, P, u, gamma.reshape(M, C), src, dims],
         template=[("K", K), ("V", V), ("BV", bv), ("C", C), ("THREADS", threads), ("OutT", dtype),
@@ -455,21 +451,35 @@ def _per_chunk_launch(q, v, config):
         grid=(threads * (q.size // (C * K)), 1, 1), threadgroup=(threads, 1, 1))
 
 
-def chunk_pieces(q, k, v, gamma, beta, all_pieces=True, types=(mx.float32, mx.float32)):
-    """The chunk pieces kernel on chunk-major q, k [..., C, K], v [..., C, V] (any float type),
-    gamma, beta [..., C, 1] (float32): (KKG, P, Tinv, W, U) as chunk._pieces_before_inverse /
-    _pieces_after_inverse give them, W and P in types (forward_types); KKG and Tinv None
-    unless all_pieces (the forward needs neither: two C x C arrays a chunk not written)."""
+def chunk_pieces(q, k, v, gamma, beta, all_pieces=True, types=(mx.float32, mx.float32), v_rows=None):
+    """The chunk pieces kernel on chunk-major q, k [N * B, HV, C, K], v [N * B, HV, C, V] (any float
+    type), gamma, beta [..., C, 1] (float32): (KKG, P, Tinv, W, U) as chunk._pieces_before_inverse /
+    _pieces_after_inverse give them, W and P in types (forward_types); KKG and Tinv None unless
+    all_pieces (the forward needs neither: two C x C arrays a chunk not written). Given v_rows =
+    (src, B, T) (src: rows_to_chunks' map of the N C padded positions), v is read from token rows
+    [B, T, HV, V] instead (no layout pass over v)."""
     w_type, p_type = types
     lead, C, K, V, launch = _per_chunk_launch(q, v, _pieces_config)
-    launch["template"] += [("ALL_PIECES", all_pieces), ("WT", w_type), ("PT", p_type)]
+    src, dims = _row_maps(v_rows)
+    launch["template"] += [("ALL_PIECES", all_pieces), ("WT", w_type), ("PT", p_type),
+                           ("V_ROWS", v_rows is not None), ("HV", q.shape[1])]
     square = (*lead, C, C)
     unless_all = square if all_pieces else (1,)  # KKG and Tinv: a placeholder, not written
     KKG, P, Tinv, W, U = get_kernel("chunk_pieces", launch["threadgroup"][0])(
-        inputs=[q, k, v, gamma, beta],
+        inputs=[q, k, v, gamma, beta, src, dims],
         output_shapes=[unless_all, square, unless_all, (*lead, C, K), (*lead, C, V)],
         output_dtypes=[mx.float32, p_type, mx.float32, w_type, mx.float32], **launch)
     return (KKG, P, Tinv, W, U) if all_pieces else (None, P, None, W, U)
+
+
+def _row_maps(rows):
+    """The src and dims inputs of a kernel that reads or writes token rows given rows = (src, B, T);
+    placeholders for one that does not (src unread, dims[0] = B = 1)."""
+    if rows is None:
+        ones = constant(("int32 ones", 2), lambda: mx.ones((2,), dtype=mx.int32))
+        return ones, ones
+    src, B, T = rows
+    return src, mx.array([B, T], dtype=mx.int32)
 
 
 def _grads_config(C, limit, padded):
