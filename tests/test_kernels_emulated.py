@@ -265,19 +265,27 @@ def test_chunk_output_with_bf16_products(emulated, monkeypatch):
         check_output(2, 32, 24, 48, mx.float32, bf16_products=True, tol=1e-4)
 
 
-@pytest.mark.parametrize("B,T,cu_seqlens", [(2, 40, None), (1, 45, [0, 13, 45])])
+ROW_CASES = [(2, 40, None), (1, 45, [0, 13, 45])]  # B, T, cu_seqlens: padded rows; packed sequences
+
+
+def row_case(B, T, cu_seqlens, C):
+    """(sequences, packed, the layout's src map, chunk rows N * B, a random float32 array maker)."""
+    packed = cu_seqlens is not None
+    seqs = list(zip(cu_seqlens, cu_seqlens[1:])) if packed else [(0, T)] * B
+    src, _ = gated_delta._layout_maps(seqs, T, C, packed)
+    rng = np.random.default_rng(T)
+    r = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32))
+    return seqs, packed, src, src.shape[0] // C * B, r
+
+
+@pytest.mark.parametrize("B,T,cu_seqlens", ROW_CASES)
 def test_chunk_output_writes_token_rows(emulated, monkeypatch, B, T, cu_seqlens):
     # given the layout's maps (the op's forward in one block), the kernel writes token rows
     # [B, T, HV, V] itself: the rows of its chunk-major output as the ops layout takes them, padding
     # (a sequence's last chunk; packed sequences) dropped
     monkeypatch.setattr(kernels, "OUTPUT_KERNEL", "kernel")
     C, HV, K, V = 16, 2, 16, 32
-    packed = cu_seqlens is not None
-    seqs = list(zip(cu_seqlens, cu_seqlens[1:])) if packed else [(0, T)] * B
-    src, _ = gated_delta._layout_maps(seqs, T, C, packed)
-    NB = src.shape[0] // C * B
-    rng = np.random.default_rng(T)
-    r = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32))
+    seqs, packed, src, NB, r = row_case(B, T, cu_seqlens, C)
     xs = (r(NB, HV, C, K), r(NB, HV, K, V), r(NB, HV, C, C), r(NB, HV, C, V),
           -mx.cumsum(mx.abs(r(NB, HV, C, 1)) * 0.1, axis=-2))
     chunked = kernels.chunk_output(*xs, mx.bfloat16, False)
@@ -287,17 +295,12 @@ def test_chunk_output_writes_token_rows(emulated, monkeypatch, B, T, cu_seqlens)
     assert np.array_equal(np.array(rows.astype(mx.float32)), np.array(expected.astype(mx.float32)))
 
 
-@pytest.mark.parametrize("B,T,cu_seqlens", [(2, 40, None), (1, 45, [0, 13, 45])])
+@pytest.mark.parametrize("B,T,cu_seqlens", ROW_CASES)
 def test_chunk_pieces_read_v_from_token_rows(emulated, B, T, cu_seqlens):
     # given the layout's map (the op's forward in one block), the chunk pieces read v from its token
     # rows [B, T, HV, V]: the same pieces as from its chunk-major layout (zeros where padded)
     C, HV, K, V = 16, 2, 16, 32
-    packed = cu_seqlens is not None
-    seqs = list(zip(cu_seqlens, cu_seqlens[1:])) if packed else [(0, T)] * B
-    src, _ = gated_delta._layout_maps(seqs, T, C, packed)
-    NB = src.shape[0] // C * B
-    rng = np.random.default_rng(T)
-    r = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32))
+    _, _, src, NB, r = row_case(B, T, cu_seqlens, C)
     v = r(B, T, HV, V).astype(mx.bfloat16)
     q, k = r(NB, HV, C, K) * 0.3, r(NB, HV, C, K) * 0.3
     gamma, beta = -mx.cumsum(mx.abs(r(NB, HV, C, 1)) * 0.1, axis=-2), mx.sigmoid(r(NB, HV, C, 1))

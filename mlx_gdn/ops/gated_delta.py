@@ -255,8 +255,9 @@ def _chunked(opt, C, seqs, packed, h0, q, k, v, g, beta, A_log, dt_bias):
     backward takes the cotangents the same two ways. Only the raw inputs are kept for the backward,
     which lays them out again: not the chunk-major copies, nor the float32 output.
     On Metal/CUDA (q, k, v of one dtype) the layout of q, k, v and of the output is the layout
-    kernels' (kernels.rows_to_chunks / chunks_to_rows, each the other's VJP, with the L2 norm's;
-    where the output kernel runs, it writes token rows itself); otherwise, and for the gates
+    kernels' (kernels.rows_to_chunks / chunks_to_rows, each the other's VJP, with the L2 norm's),
+    but for the forward's v and output where it runs as one block: the chunk pieces read v from
+    its rows, and the output kernel (where it runs) writes rows; otherwise, and for the gates
     (small), MLX ops and their autodiff.
     Returns (o [B, T, HV, V] in q's dtype, final state)."""
     B, T, H = q.shape[:3]
@@ -281,7 +282,7 @@ def _chunked(opt, C, seqs, packed, h0, q, k, v, g, beta, A_log, dt_bias):
 
         forward_qk = kernels.forward_qk_type(q.dtype == mx.bfloat16)
         qkv_in = lambda q, k, v: qk_in(q, k, mx.float32) + [layout(v)]
-        # the forward's v stays in token rows: chunk_forward reads it so (`rows`)
+        # the forward's v stays in token rows: chunk_forward takes it so, given `rows`
         qkv_forward_in = lambda q, k, v: qk_in(q, k, forward_qk) + [v]
 
         def qkv_grads(q, k, v, dq, dk, dv):

@@ -433,7 +433,7 @@ def chunk_output(q, states, P, u, gamma, dtype, bf16_products, rows=None):
     return get_kernel("chunk_output", threads, bf16_products)(
         inputs=[q, states, P, u, gamma.reshape(M, C), src, dims],
         template=[("K", K), ("V", V), ("BV", bv), ("C", C), ("THREADS", threads), ("OutT", dtype),
-                  *config, ("ROWS", rows is not None), ("HV", HV)],
+                  *config, ("ROWS", rows is not None), ("HV", 1 if rows is None else HV)],
         grid=(threads * M, V // bv, 1), threadgroup=(threads, 1, 1),
         output_shapes=[shape], output_dtypes=[dtype])[0]
 
@@ -462,7 +462,7 @@ def chunk_pieces(q, k, v, gamma, beta, all_pieces=True, types=(mx.float32, mx.fl
     lead, C, K, V, launch = _per_chunk_launch(q, v, _pieces_config)
     src, dims = _row_maps(v_rows)
     launch["template"] += [("ALL_PIECES", all_pieces), ("WT", w_type), ("PT", p_type),
-                           ("V_ROWS", v_rows is not None), ("HV", q.shape[1])]
+                           ("V_ROWS", v_rows is not None), ("HV", 1 if v_rows is None else q.shape[1])]
     square = (*lead, C, C)
     unless_all = square if all_pieces else (1,)  # KKG and Tinv: a placeholder, not written
     KKG, P, Tinv, W, U = get_kernel("chunk_pieces", launch["threadgroup"][0])(
