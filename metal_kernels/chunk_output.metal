@@ -14,7 +14,8 @@
 // 3. each SIMD group takes its tiles back as accumulators and adds U^T P^T (P staged; its 8x8
 //    blocks up to the diagonal);
 // 4. o_s written out in OutT, row by row: chunk-major, or (ROWS) straight into token rows, which
-//    saves the layout kernel's pass over o (H100: 117 us of a 3.3 ms forward at (8, 2048, 32)).
+//    saves the layout kernel's pass over o and a [T, HV, V] copy (H100, sixteenth session: the
+//    forward as fast as with the layout kernel, within the noise).
 // Threadgroup memory is one buffer x_s: the stages of step 1, then o_s, then P (while the sums are
 // in registers), then o_s again.
 // For bfloat16 inputs on CUDA the header defines GDN_MMA_BF16 (factors rounded to bfloat16, float
