@@ -19,11 +19,12 @@
 // P, W and U; the backward all five), and PT, WT: the types P and W are written in (float, or
 // bfloat16 where the forward's one reader of each rounds its factors to bfloat16 anyway); V_ROWS
 // and HV: v is read from token rows (the forward's: no layout pass over v; chunk m is
-// (n B + b) HV + h).
+// (n B + b) HV + h); WU: step 4 runs here (else W and U are not written, and T is, in TT: the
+// caller multiplies, kernels.PIECES_WU).
 // Inputs: q, k [M,C,K]; v [M,C,V], or with V_ROWS [B,T,HV,V] (any float type); gamma, beta [M,C]
 // float32; src [N C] int32 and dims [2] int32 (B, T), read only with V_ROWS: the token at each
 // padded position of a batch row, or -1 (kernels.rows_to_chunks' map).
-// Outputs: KKG, P, T [M,C,C] (P in PT); W [M,C,K] (WT); U [M,C,V].
+// Outputs: KKG, P, T [M,C,C] (P in PT, T in TT); W [M,C,K] (WT); U [M,C,V].
 constexpr int SG = THREADS / 32;
 constexpr int NB = C / 8;                     // 8-row blocks of a chunk
 constexpr int NT = C / 4;                     // 4-row groups of a chunk
@@ -168,14 +169,14 @@ for (int bi = 1; bi < NB; ++bi) {
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 }
-for (int e = (int)tid; e < (ALL_PIECES ? C * C : 0); e += THREADS) {
+for (int e = (int)tid; e < (ALL_PIECES || !WU ? C * C : 0); e += THREADS) {
   const int i = e / C, j = e % C;
-  T[m * C * C + e] = i / 8 >= j / 8 ? x_s[i * CS + j] : 0.0f;
+  T[m * C * C + e] = static_cast<TT>(i / 8 >= j / 8 ? x_s[i * CS + j] : 0.0f);
 }
 
 // 4. W = T (k * beta e^gamma), then U = T (v * beta), C columns at a time; a thread's tile has rows
 // 4 ti + a and columns 4 cg + b of the block, summed over the 8x8 blocks of T up to the diagonal
-for (int blk = 0; blk < NKB + NVB; ++blk) {
+for (int blk = 0; blk < (WU ? NKB + NVB : 0); ++blk) {
   const bool is_w = blk < NKB;
   const int c0 = (is_w ? blk : blk - NKB) * C, width = is_w ? K : V;
   threadgroup_barrier(mem_flags::mem_threadgroup);  // -A, or the previous block, is no longer read

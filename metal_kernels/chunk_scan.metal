@@ -19,10 +19,10 @@
 // only (CB / 4) x (BV / 4) tiles a stage; when threads outnumber them, the k sum is split KS ways
 // (short dependent chains) and the partial sums meet in threadgroup memory.
 // Template: K, V, C, THREADS, BV (a multiple of 4 dividing 4 * THREADS), CB (rows per
-// stage, a multiple of 4 dividing C), REVERSE, HAS_Y, AT and BT (the types of A and Bm), StateT
+// stage, a multiple of 4 dividing C), REVERSE, HAS_Y, AT, BT and XT (the types of A, Bm and X), StateT
 // (the type states and x_new are written in: float, or bfloat16 where their readers round them to
 // it: kernels.forward_types).
-// Inputs: A, Bm [N,R,C,K] (k: Bm forward, A backward, in any float type); X [N,R,C,V]; Y [N,R,K,V]
+// Inputs: A, Bm [N,R,C,K] (k: Bm forward, A backward), X [N,R,C,V] in any float type; Y [N,R,K,V]
 // (read only if HAS_Y); gamma [N,R,C] (the within-chunk cumsum of g);
 // h_in [S*R,K,V]; seg_start, seg_end [N] int32; dims [2] int32: N (chunks) and R (rows, batch x
 // value heads), read at run time so that a new sequence length needs no new kernel.
@@ -62,7 +62,7 @@ float h[KGPT][4][4];  // update: rows 4 (slot + SLOTS i) + a, columns v0 + j
 AT staged_a[SPT][4];  // the next stage's items of A or B, as loaded: converted only when stored, so
 BT staged_b[SPT][4];  // that no instruction waits on the loads before the stage (a wait on a bf16
                       // k converted at once cost the forward 20%: H100, sixteenth session)
-float xs[XPT][4];      // the next stage's items of X
+XT xs[XPT][4];         // the next stage's items of X (as loaded, too)
 float gam[XPT];        // and gamma at their rows, and at the chunk's end (exp is taken only when
 float glast = 0.0f;    // the stage is stored: the loads' latency stays off the sequential path)
 float decay = 0.0f;    // the current chunk's e^{gamma_C}
@@ -133,7 +133,7 @@ for (int it = -1; it < total; ++it) {
     }
     for (int p = 0; p < XPT; ++p) {
       for (int j = 0; j < 4; ++j) {
-        x_cur[p][j] = xs[p][j];
+        x_cur[p][j] = static_cast<float>(xs[p][j]);
       }
       tail_cur[p] = s < STAGES ? exp(glast - gam[p]) : 0.0f;
     }
@@ -165,7 +165,7 @@ for (int it = -1; it < total; ++it) {
           gam[p] = e < CB * VG ? gamma[g_at + c] : 0.0f;
           for (int j = 0; j < 4; ++j) {
             const int v = vt + 4 * g + j;
-            xs[p][j] = e < CB * VG && v < V ? X[((uint)(n2 * R + r) * C + c) * V + v] : 0.0f;
+            xs[p][j] = e < CB * VG && v < V ? X[((uint)(n2 * R + r) * C + c) * V + v] : static_cast<XT>(0.0f);
           }
         }
       } else {

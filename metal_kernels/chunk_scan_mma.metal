@@ -27,7 +27,7 @@
 // row strides of the threadgroup arrays (padded on CUDA against bank conflicts): AST (staged A, >= K
 // rounded up to 16), BST (staged B^T, >= CB), HST (h_s, x_s, p_s, >= BV), StateT (the type states
 // and x_new are written in, as in chunk_scan.metal).
-// Inputs: A, Bm [N,R,C,K] (k: Bm forward, A backward, in any float type); X [N,R,C,V]; Y [N,R,K,V]
+// Inputs: A, Bm [N,R,C,K] (k: Bm forward, A backward), X [N,R,C,V] in any float type; Y [N,R,K,V]
 // (read only if HAS_Y); gamma [N,R,C] (the within-chunk cumsum of g);
 // h_in [S*R,K,V]; seg_start, seg_end [N] int32; dims [2] int32: N (chunks) and R (rows, batch x
 // value heads), read at run time so that a new sequence length needs no new kernel.
@@ -141,7 +141,8 @@ for (int it = -1; it < total; ++it) {
         for (int p = 0; p < XPT; ++p) {
           const int e = (int)tid + THREADS * p;
           const int v = vt + e % BV;
-          xs_next[p] = e < CB * BV && v < V ? X[((uint)(n2 * R + r) * C + c0 + e / BV) * V + v] : 0.0f;
+          const bool inside = e < CB * BV && v < V;
+          xs_next[p] = inside ? static_cast<float>(X[((uint)(n2 * R + r) * C + c0 + e / BV) * V + v]) : 0.0f;
           gam[p] = e < CB * BV ? gamma[g_at + c0 + e / BV] : 0.0f;
         }
       }

@@ -29,7 +29,7 @@
 // AT and BT (the types of A and Bm), StateT (the type states and x_new are written in, as in
 // chunk_scan.metal), and the staged rows' strides AST (A, read transposed) and BST (B), each >= K
 // (padded on CUDA against bank conflicts).
-// Inputs: A, Bm [N,R,C,K] (k: Bm forward, A backward, in any float type); X [N,R,C,V]; Y [N,R,K,V]
+// Inputs: A, Bm [N,R,C,K] (k: Bm forward, A backward), X [N,R,C,V] in any float type; Y [N,R,K,V]
 // (read only if HAS_Y); gamma [N,R,C]; h_in [S*R,K,V]; seg_start, seg_end [N] int32; dims [2] int32:
 // N (chunks) and R (rows). Outputs: states [N,R,K,V] (the state entering chunk n, in scan order)
 // and x_new [N,R,C,V], in StateT; h_out [S*R,K,V] float.

@@ -211,10 +211,13 @@ def _fla():
     return torch, ops
 
 
-@pytest.mark.parametrize("dtype,scan", [("float32", "auto"), ("bfloat16", "auto"), ("bfloat16", "resident")])
-def test_forward_matches_fla_chunk(monkeypatch, dtype, scan):
+@pytest.mark.parametrize("dtype,scan,wu", [("float32", "auto", "kernel"), ("bfloat16", "auto", "kernel"),
+                                           ("bfloat16", "resident", "kernel"), ("bfloat16", "auto", "gemm")])
+def test_forward_matches_fla_chunk(monkeypatch, dtype, scan, wu):
+    # wu: the chunk pieces' W and U in the kernel, or as bfloat16 GEMMs (kernels.PIECES_WU)
     torch, fla_ops = _fla()
     monkeypatch.setattr(kernels, "SCAN_KERNEL", scan)
+    monkeypatch.setattr(kernels, "PIECES_WU", wu)
     data = make_inputs(7, 2, 1000, 4, 8, 128, mask_p=0.2, h0=True, unit_k=False)
     tdt = getattr(torch, dtype)
     t = {n: torch.tensor(x, device="cuda") for n, x in data.items()}

@@ -168,6 +168,30 @@ def test_auto_kernels_take_bf16_products_for_bf16_inputs(emulated, monkeypatch, 
     assert rms_rel(ro, np.array(o.astype(mx.float32))) <= tol and rms_rel(rs, np.array(s)) <= tol
 
 
+@pytest.mark.parametrize("cu_seqlens", [None, [0, 17, 40]])
+def test_pieces_wu_as_bf16_gemms(emulated, monkeypatch, cu_seqlens):
+    # PIECES_WU = "gemm": the chunk pieces kernel writes T in bfloat16 and skips W and U, which MLX's
+    # GEMMs form from bfloat16 factors (fla's recompute_w_u); the op's forward against the float64
+    # oracle at bf16's level, and against the kernel's W and U
+    auto_bf16_on_emulator(monkeypatch)
+    data = make_inputs(8, 1, 40, 1, 2, 32, h0=True, n_states=2 if cu_seqlens else None)
+    ro, rs = gated_delta_reference(**data, cu_seqlens=cu_seqlens)
+    xs = {n: mx.array(x) if n == "initial_state" else mx.array(x).astype(mx.bfloat16) for n, x in data.items()}
+    cu = None if cu_seqlens is None else mx.array(cu_seqlens)
+    calls, pieces = [], kernels.chunk_pieces
+    monkeypatch.setattr(kernels, "chunk_pieces", lambda *a: calls.append(pieces(*a)) or calls[-1])
+    results = {}
+    for wu in ("kernel", "gemm"):
+        monkeypatch.setattr(kernels, "PIECES_WU", wu)
+        results[wu] = [np.array(x.astype(mx.float32)) for x in gated_delta_rule(
+            **xs, chunk_size=16, mode="chunk", output_final_state=True, cu_seqlens=cu)]
+    _, _, T, W, U = calls[-1]
+    assert W is None and U is None and T.dtype == mx.bfloat16
+    o, s = results["gemm"]
+    assert rms_rel(ro, o) <= 1e-2 and rms_rel(rs, s) <= 1e-2  # 4e-3 measured, as the kernel's W and U
+    assert rms_rel(results["kernel"][0], o) <= 1e-2 and not np.array_equal(results["kernel"][0], o)
+
+
 def test_auto_scan_wants_full_resident_threadgroups(emulated, monkeypatch):
     # "auto" takes the resident scan only with RESIDENT_SCAN_GROUPS SIMD groups a threadgroup (V = 48:
     # three 16-column blocks, one group); forced, it runs there too

@@ -168,6 +168,12 @@ def _pieces_after_inverse(Tinv, k, v, beta, eg):
     return Tinv @ (k * (beta * eg)), Tinv @ (v * beta)
 
 
+def _pieces_after_inverse_bf16(Tinv, k, v, beta, eg):
+    """_pieces_after_inverse as fla's recompute_w_u computes it: bfloat16 factors (Tinv comes so),
+    float sums, W and U in bfloat16."""
+    return Tinv @ (k * (beta * eg)).astype(mx.bfloat16), Tinv @ (v * beta).astype(mx.bfloat16)
+
+
 def _gated_from_kernel(gamma, KKG, beta, incl):
     return _decay_matrix(gamma, incl), KKG * beta
 
@@ -186,7 +192,7 @@ class _ChunkPieces:
     KEPT = ("KKG", "P", "Tinv", "W", "U")  # what the backward can take from the forward instead
 
     def __init__(self, q, k, v, g, beta, kept=(), all_pieces=True, types=(mx.float32, mx.float32),
-                 v_rows=None):
+                 v_rows=None, wu_gemm=False):
         C = q.shape[-2]
         self.incl, self.strict = _masks(C)
         self.gamma, self.eg, self.tail, self.decay = fused(_gates)(g)
@@ -198,8 +204,13 @@ class _ChunkPieces:
                 self.Tinv = invert_unit_lower(self.A)
                 self.W, self.U = fused(_pieces_after_inverse)(self.Tinv, k, v, beta, self.eg)
                 return
+        if wu_gemm:  # W and U as bfloat16 GEMMs (kernels.PIECES_WU), from v laid out in chunks
+            if v_rows is not None:
+                v, v_rows = kernels.rows_to_chunks(v, v_rows[0], q.shape[1], C, dtype=v.dtype), None
         self.KKG, self.P, self.Tinv, self.W, self.U = kept or kernels.chunk_pieces(
-            q, k, v, self.gamma, beta, all_pieces, types, v_rows)
+            q, k, v, self.gamma, beta, all_pieces, types, v_rows, not wu_gemm)
+        if wu_gemm:
+            self.W, self.U = fused(_pieces_after_inverse_bf16)(self.Tinv, k, v, beta, self.eg)
         if self.KKG is not None:
             self.Gam, self.A = fused(_gated_from_kernel)(self.gamma, self.KKG, beta, self.incl)
 
@@ -257,7 +268,9 @@ def _forward_block(q, k, v, g, beta, h0, segments, keep=False, out_dtype=mx.floa
         if keep:  # kept pieces go to the backward in float32
             w_type = p_type = mx.float32
     rows = None if to_rows is None else (to_rows[0], *to_rows[2:])  # (src, B, T) for the kernels
-    pc = _ChunkPieces(q, k, v, g, beta, all_pieces=keep, types=(w_type, p_type), v_rows=rows)
+    wu_gemm = kernels.backend() != "ops" and not keep and kernels.pieces_wu_gemm(bf16_products)
+    pc = _ChunkPieces(q, k, v, g, beta, all_pieces=keep, types=(w_type, p_type), v_rows=rows,
+                      wu_gemm=wu_gemm)
     o = None
     if kernels.backend() == "ops":
         states, u, hT = _scan_forward(pc.W, pc.U, pc.Kt, pc.decay, h0, segments)

@@ -295,7 +295,8 @@ def _scan(A, X, Bm, Y, gamma, h_in, segments, reverse, bf16_products, state_dtyp
         name, threads = "chunk_scan_mma", MMA_SCAN_THREADS
         tile, rows, extra = _mma_scan_config(K, C, threads, limit, padded)
     else:
-        name, threads, extra = "chunk_scan", SCAN_THREADS, (("AT", A.dtype), ("BT", Bm.dtype))
+        name, threads = "chunk_scan", SCAN_THREADS
+        extra = (("AT", A.dtype), ("BT", Bm.dtype), ("XT", X.dtype))
         at_once = SCAN_RESIDENT.get(backend())  # threadgroups that run at once
         wide = at_once is not None and R * -(-V // SCAN_TILE) > at_once
         tile, rows = _scan_tiles(K, C, threads, limit, 2 * SCAN_TILE if wide else SCAN_TILE)
@@ -399,6 +400,20 @@ def forward_types(R, C, K, V, bf16_products):
             rounded(output_kernel))
 
 
+# Step 4 of the chunk pieces, W = T diag(beta e^gamma) K and U = T diag(beta) V: "kernel" (in
+# chunk_pieces, SIMT float products) or "gemm" (chunk_pieces writes T in bfloat16 and MLX's batched
+# GEMMs multiply bfloat16 factors into bfloat16 W and U, as fla's recompute_w_u), the latter for
+# bfloat16 inputs where "auto" multiplies in BF16 (_auto_bf16), in the forward only. Sixteenth
+# session, not timed yet: ncu put the chunk pieces at 1228 us against fla's 403 at (8, 2048, 32),
+# latency-bound; this takes their longest step out of the kernel.
+PIECES_WU = "kernel"
+
+
+def pieces_wu_gemm(bf16_products):
+    """Whether the forward's W and U come from bfloat16 GEMMs (PIECES_WU = "gemm", where it applies)."""
+    return PIECES_WU == "gemm" and _auto_bf16(bf16_products)
+
+
 # The forward's layout writes q (scaled) and k (L2-normalised) in bfloat16 for bfloat16 inputs where
 # products are BF16 (forward_qk_type): fla's precision (it normalises q and k into bfloat16 and its
 # kernels read them so), at half the bytes of the forward's largest arrays.
@@ -451,25 +466,32 @@ def _per_chunk_launch(q, v, config):
         grid=(threads * (q.size // (C * K)), 1, 1), threadgroup=(threads, 1, 1))
 
 
-def chunk_pieces(q, k, v, gamma, beta, all_pieces=True, types=(mx.float32, mx.float32), v_rows=None):
+def chunk_pieces(q, k, v, gamma, beta, all_pieces=True, types=(mx.float32, mx.float32), v_rows=None,
+                 wu=True):
     """The chunk pieces kernel on chunk-major q, k [N * B, HV, C, K], v [N * B, HV, C, V] (any float
     type), gamma, beta [..., C, 1] (float32): (KKG, P, Tinv, W, U) as chunk._pieces_before_inverse /
     _pieces_after_inverse give them, W and P in types (forward_types); KKG and Tinv None unless
     all_pieces (the forward needs neither: two C x C arrays a chunk not written). Given v_rows =
     (src, B, T) (src: rows_to_chunks' map of the N C padded positions), v is read from token rows
-    [B, T, HV, V] instead (no layout pass over v)."""
+    [B, T, HV, V] instead (no layout pass over v). wu=False: W and U are not computed (None) and
+    Tinv is written, in bfloat16 (the forward's caller multiplies: PIECES_WU)."""
     w_type, p_type = types
     lead, C, K, V, launch = _per_chunk_launch(q, v, _pieces_config)
     src, dims = _row_maps(v_rows)
+    t_type = mx.float32 if wu or all_pieces else mx.bfloat16
     launch["template"] += [("ALL_PIECES", all_pieces), ("WT", w_type), ("PT", p_type),
-                           ("V_ROWS", v_rows is not None), ("HV", 1 if v_rows is None else q.shape[1])]
+                           ("V_ROWS", v_rows is not None), ("HV", 1 if v_rows is None else q.shape[1]),
+                           ("WU", wu), ("TT", t_type)]
     square = (*lead, C, C)
-    unless_all = square if all_pieces else (1,)  # KKG and Tinv: a placeholder, not written
+    placeholder = (1,)  # an output not written
     KKG, P, Tinv, W, U = get_kernel("chunk_pieces", launch["threadgroup"][0])(
         inputs=[q, k, v, gamma, beta, src, dims],
-        output_shapes=[unless_all, square, unless_all, (*lead, C, K), (*lead, C, V)],
-        output_dtypes=[mx.float32, p_type, mx.float32, w_type, mx.float32], **launch)
-    return (KKG, P, Tinv, W, U) if all_pieces else (None, P, None, W, U)
+        output_shapes=[square if all_pieces else placeholder, square,
+                       square if all_pieces or not wu else placeholder,
+                       (*lead, C, K) if wu else placeholder, (*lead, C, V) if wu else placeholder],
+        output_dtypes=[mx.float32, p_type, t_type, w_type, mx.float32], **launch)
+    return (KKG if all_pieces else None, P, Tinv if all_pieces or not wu else None,
+            W if wu else None, U if wu else None)
 
 
 def _row_maps(rows):
