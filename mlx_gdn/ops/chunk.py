@@ -359,6 +359,7 @@ def _backward_after_scan(q, k, v, beta, do, states, u, du, dh_next, Qg, incl, st
 def _backward_after_scan_kernel(q, k, v, beta, do, states, u, du, dh_next, pc):
     """_backward_after_scan on a GPU: the three products with the K x V states as GEMMs, the rest in
     metal_kernels/chunk_grads.metal."""
+    states = states.astype(mx.float32)  # bfloat16 where forward_types says: converted once, not per GEMM
     du_h, dKt, dQg = _mm_nt(du, states), _mm_nt(u, dh_next), _mm_nt(do, states)
     dchunk = fused(_chunk_decay_grad)(states, dh_next, pc.decay)
     return kernels.chunk_grads(q, k, v, do, u, du, du_h, dKt, dQg, pc.Tinv, pc.W, pc.U, pc.KKG, pc.P,
