@@ -278,10 +278,10 @@ def _forward_block(q, k, v, g, beta, h0, segments, keep=False, out_dtype=mx.floa
         states, u, hT = kernels.scan_forward(pc.W, pc.U, k, pc.gamma, h0, segments, bf16_products,
                                              state_type)
         o = kernels.chunk_output(q, states, pc.P, u, pc.gamma, out_dtype, bf16_products, rows)
-        if o is None and to_rows is not None:
-            o = _rows(fused(_output)(q, pc.eg, states, pc.P, u), to_rows, out_dtype)
-    if o is None:
+    if o is None:  # the GEMMs, chunk-major
         o = fused(_output)(q, pc.eg, states, pc.P, u)
+        if to_rows is not None:
+            o = _rows(o, to_rows, out_dtype)
     return (o, hT, states, u) + (tuple(getattr(pc, name) for name in pc.KEPT) if keep else ())
 
 
