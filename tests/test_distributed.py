@@ -56,6 +56,9 @@ def test_two_ranks_match_one_process(tmp_path):
                           "--python", sys.executable, "--cwd", str(ROOT), *args, "--out", str(tmp_path / "two")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr + two.stdout
+    # mlx.launch exits 0 even when a rank fails (it only logs a warning): show the ranks' output
+    assert (tmp_path / "two" / "log.jsonl").exists(), (
+        "the two-rank run wrote no log:\n" + two.stdout[-3000:] + two.stderr[-3000:])
     losses = [[json.loads(line)["loss"] for line in open(tmp_path / run / "log.jsonl")] for run in ("one", "two")]
     assert len(losses[0]) == len(losses[1]) == 6
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
