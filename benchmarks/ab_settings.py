@@ -6,30 +6,46 @@ outputs compared with the first variant's; fla after ours in the same process (-
     python benchmarks/ab_settings.py --variant gemm OUTPUT_KERNEL=gemm --variant kernel --fla
 
 A variant is a name and kernels.py settings (NAME=value: ints, "0"/"1" for booleans, else strings);
-unnamed settings keep their shipped values. Shapes are B,T,H (K = V = 128), bench_gpu's inputs
+unnamed settings keep their shipped values; a dict setting takes NAME=key:value,... over its shipped
+entries (CUDA_MIN_THREADGROUPS=chunk_output:2). body:KERNEL=FILE swaps a kernel's body for the text of
+FILE (e.g. the previous version of a .metal file: `git show HEAD~1:metal_kernels/X.metal > old.metal`). Shapes are B,T,H (K = V = 128), bench_gpu's inputs
 with the in-kernel L2 norm. (The sixteenth session's bf16-intermediate A/Bs were made this way.)
 """
 
 import argparse
 import json
+from pathlib import Path
 
 import mlx.core as mx
 
+import metal_kernels
 from bench_gpu import bench_fla, inputs, time_mlx
 from mlx_gdn.ops import gated_delta_rule, kernels
 
 
+_source = metal_kernels.source
+
+
 def parse_setting(text):
     name, value = text.split("=", 1)
+    if name.startswith("body:"):
+        return name, Path(value).read_text()
     shipped = getattr(kernels, name)  # an unknown name fails here, not silently
+    if isinstance(shipped, dict):  # NAME=key:value,key:value over the shipped entries
+        return name, shipped | {k: int(v) if v.isdigit() else v
+                                for k, v in (item.split(":") for item in value.split(","))}
     if isinstance(shipped, bool):
         return name, value not in ("0", "false", "False")
     return name, int(value) if isinstance(shipped, int) else value
 
 
 def apply(settings):
+    bodies = {name[5:]: text for name, text in settings.items() if name.startswith("body:")}
     for name, value in settings.items():
-        setattr(kernels, name, value)
+        if not name.startswith("body:"):
+            setattr(kernels, name, value)
+    metal_kernels.source = lambda kernel: bodies.get(kernel) or _source(kernel)
+    kernels.forget_kernels()  # built kernels keep the text they were built from
 
 
 def main():
@@ -42,7 +58,8 @@ def main():
     p.add_argument("--out", default="ab_settings.json")
     args = p.parse_args()
     variants = {v[0]: dict(parse_setting(s) for s in v[1:]) for v in args.variant}
-    shipped = {name: getattr(kernels, name) for settings in variants.values() for name in settings}
+    shipped = {name: getattr(kernels, name) for settings in variants.values() for name in settings
+               if not name.startswith("body:")}
     fla = None
     if args.fla:
         import torch
@@ -79,7 +96,7 @@ def main():
                 mx.clear_cache()
         apply(shipped)
         if fla is not None:
-            timings = [bench_fla(*fla, *data) for _ in range(2)]
+            timings = [bench_fla(*fla, *data, backward=not args.no_backward) for _ in range(2)]
             row["fla_fwd_ms"] = [t[0] for t in timings]
             row["fla_fwdbwd_ms"] = [t[1] for t in timings]
             fla[0].cuda.empty_cache()

@@ -157,13 +157,15 @@ def guarded(measure):
             pass
 
 
-def bench_fla(torch, fla_ops, q, k, v, g, beta):
+def bench_fla(torch, fla_ops, q, k, v, g, beta, backward=True):
     t = lambda x, dt=torch.bfloat16: torch.tensor(x, device="cuda").to(dt)
     qt, kt, vt, bt = (t(x).requires_grad_() for x in (q, k, v, beta))
     gt = t(g, torch.float32).requires_grad_()
     run = lambda: fla_ops.chunk_gated_delta_rule(qt, kt, vt, gt, bt, use_qk_l2norm_in_kernel=True)[0]
     with torch.no_grad():
         fwd = guarded(lambda: time_torch(torch, run))
+    if not backward:
+        return fwd, None
     w = torch.randn_like(vt)
 
     def fwdbwd():

@@ -22,7 +22,8 @@
 // sums), as fla's output kernel rounds q, h, P and v_new.
 // Grid (THREADS * M, V / BV, 1), threadgroup (THREADS, 1, 1), THREADS = 32 BV / 16: threadgroup
 // (m, t) is chunk m, value columns t BV ... (t + 1) BV - 1. Template: K (a multiple of 8), V, BV (a
-// multiple of 16 dividing V), C (of 8), THREADS, OutT, KS (a multiple of 8) and the row strides of
+// multiple of 16 dividing V), C (of 8), THREADS, OutT, QT, ST, PT (the types of q, the states and P),
+// KS (a multiple of 8) and the row strides of
 // the staged arrays: SST (S rows, >= BV), QST (Q rows, >= KS), OST (o_s, >= BV), PST (P, >= C)
 // (padded on CUDA against bank conflicts); ROWS and HV (value heads: chunk m is (n B + b) HV + h).
 // Inputs: q [M,C,K]; states [M,K,V]; P [M,C,C] (any float type); u [M,C,V] (float, or bfloat16 on
@@ -37,6 +38,9 @@ threadgroup float x_s[STAGE > AFTER ? STAGE : AFTER];
 threadgroup float eg_s[C];
 threadgroup int t_s[C];  // ROWS: the token of each row of the chunk, or -1
 constexpr int QS = KS * SST;  // the stage's Q rows after its S rows
+constexpr int S_ITEMS = (KS * BV + THREADS - 1) / THREADS;  // a thread's loads of a stage's S, Q, and of P
+constexpr int Q_ITEMS = (C * KS + THREADS - 1) / THREADS;
+constexpr int P_ITEMS = (C * C + THREADS - 1) / THREADS;
 const uint tid = thread_position_in_threadgroup.x;
 const int v0 = 16 * (int)simdgroup_index_in_threadgroup;  // in the threadgroup's columns
 const uint m = threadgroup_position_in_grid.x;
@@ -57,13 +61,38 @@ for (int i = 0; i < CT; ++i) {
 }
 for (int k0 = 0; k0 < K; k0 += KS) {
   const int ks = K - k0 < KS ? K - k0 : KS;  // a multiple of 8
-  threadgroup_barrier(mem_flags::mem_threadgroup);  // the stage before is read
-  for (int e = (int)tid; e < ks * BV; e += THREADS) {
-    x_s[e / BV * SST + e % BV] = static_cast<float>(states[(m * K + k0 + e / BV) * V + vt + e % BV]);
+  // the stage's loads all issued before the barrier, kept as loaded, then converted into x_s (one
+  // load, wait and store after another left the kernel waiting on memory: ncu, sixteenth session)
+  ST s_r[S_ITEMS];
+  QT q_r[Q_ITEMS];
+#pragma unroll
+  for (int i = 0; i < S_ITEMS; ++i) {
+    const int e = (int)tid + i * THREADS;
+    if (e < ks * BV) {
+      s_r[i] = states[(m * K + k0 + e / BV) * V + vt + e % BV];
+    }
   }
-  for (int e = (int)tid; e < C * ks; e += THREADS) {
-    const int c = e / ks, kk = e % ks;
-    x_s[QS + c * QST + kk] = static_cast<float>(q[(m * C + c) * K + k0 + kk]);
+#pragma unroll
+  for (int i = 0; i < Q_ITEMS; ++i) {
+    const int e = (int)tid + i * THREADS;
+    if (e < C * KS && e % KS < ks) {
+      q_r[i] = q[(m * C + e / KS) * K + k0 + e % KS];
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);  // the stage before is read
+#pragma unroll
+  for (int i = 0; i < S_ITEMS; ++i) {
+    const int e = (int)tid + i * THREADS;
+    if (e < ks * BV) {
+      x_s[e / BV * SST + e % BV] = static_cast<float>(s_r[i]);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < Q_ITEMS; ++i) {
+    const int e = (int)tid + i * THREADS;
+    if (e < C * KS && e % KS < ks) {
+      x_s[QS + e / KS * QST + e % KS] = static_cast<float>(q_r[i]);
+    }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
   for (int kb = 0; kb < ks / 8; ++kb) {
@@ -81,6 +110,14 @@ for (int k0 = 0; k0 < K; k0 += KS) {
 threadgroup_barrier(mem_flags::mem_threadgroup);  // the last stage is read: o_s and P go over it
 
 // 2. into o_s, rows times e^gamma, back into registers
+PT p_r[P_ITEMS];  // P's loads in flight through step 2 (staged after it, over o_s)
+#pragma unroll
+for (int i = 0; i < P_ITEMS; ++i) {
+  const int e = (int)tid + i * THREADS;
+  if (e < C * C) {
+    p_r[i] = P[m * C * C + e];
+  }
+}
 #pragma unroll
 for (int i = 0; i < CT; ++i) {
   simdgroup_store_transposed(acc[i], &x_s[i * 8 * OST + v0], OST);
@@ -97,8 +134,12 @@ for (int i = 0; i < CT; ++i) {
   simdgroup_load_transposed(acc2[i], &x_s[i * 8 * OST + v0 + 8], OST);
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);  // o_s is read: P goes over it
-for (int e = (int)tid; e < C * C; e += THREADS) {
-  x_s[e / C * PST + e % C] = static_cast<float>(P[m * C * C + e]);
+#pragma unroll
+for (int i = 0; i < P_ITEMS; ++i) {
+  const int e = (int)tid + i * THREADS;
+  if (e < C * C) {
+    x_s[e / C * PST + e % C] = static_cast<float>(p_r[i]);
+  }
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 

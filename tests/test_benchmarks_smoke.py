@@ -64,9 +64,10 @@ def test_cuda_resource_usage_compiles_every_chunk_kernel():
              ("chunk_scan_resident", "K=128 V=128 C=64 THREADS=256 CB=32 AST=136 BST=132 REVERSE=false "
                                      f"HAS_Y=false Bm:{bf16} A:{bf16} AT={bf16} BT={bf16} BF16_PRODUCTS=true "
                                      f"StateT={bf16} states:{bf16} x_new:{bf16}"),
-             ("chunk_output", "K=104 V=48 BV=48 C=64 THREADS=96 OutT=float KS=32 SST=52 QST=36 OST=52 PST=68 "
-                              f"ROWS=false HV=1 {rows}"),
-             ("chunk_output", f"K=128 V=256 BV=128 C=64 THREADS=256 OutT={bf16} o:{bf16} P:{bf16} q:{bf16} "
+             ("chunk_output", "K=104 V=48 BV=48 C=64 THREADS=96 OutT=float QT=float ST=float PT=float KS=32 "
+                              f"SST=52 QST=36 OST=52 PST=68 ROWS=false HV=1 {rows}"),
+             ("chunk_output", f"K=128 V=256 BV=128 C=64 THREADS=256 OutT={bf16} QT={bf16} ST={bf16} PT={bf16} "
+                              f"o:{bf16} P:{bf16} q:{bf16} "
                               f"states:{bf16} u:{bf16} BF16_PRODUCTS=true KS=32 SST=132 QST=36 OST=132 PST=68 "
                               f"ROWS=true HV=32 {rows}"),
              ("chunk_grads", f"K=100 V=60 C=64 THREADS=256 KC=16 CS=68 TS=68 k:{bf16} v:{bf16} u:{bf16}"),
@@ -111,6 +112,28 @@ def test_ab_kernels_times_each_text_on_its_own(tmp_path):
     rows = json.loads((tmp_path / "out.json").read_text())["rows"]
     diffs = {r["variant"]: r["max_abs_diff_vs_shipped"] for r in rows}
     assert diffs["body:copy.metal"] == 0.0 and diffs["body:half.metal"] > 1e-3
+
+
+def test_ab_settings_swaps_bodies_and_merges_dict_settings(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import ab_settings
+    import metal_kernels
+    from mlx_gdn.ops import kernels
+    (tmp_path / "v.metal").write_text("// a variant body\n")
+    name, text = ab_settings.parse_setting(f"body:chunk_output={tmp_path / 'v.metal'}")
+    assert (name, text) == ("body:chunk_output", "// a variant body\n")
+    name, bounds = ab_settings.parse_setting("CUDA_MIN_THREADGROUPS=chunk_pieces:3")
+    assert bounds == {**kernels.CUDA_MIN_THREADGROUPS, "chunk_pieces": 3}
+    shipped_bounds, shipped_text = kernels.CUDA_MIN_THREADGROUPS, metal_kernels.source("chunk_output")
+    try:
+        ab_settings.apply({"body:chunk_output": text, name: bounds})
+        assert metal_kernels.source("chunk_output") == text
+        assert metal_kernels.source("chunk_pieces") != text and kernels.CUDA_MIN_THREADGROUPS["chunk_pieces"] == 3
+        ab_settings.apply({name: shipped_bounds})  # a variant without the body: the shipped one
+        assert metal_kernels.source("chunk_output") == shipped_text
+    finally:
+        kernels.CUDA_MIN_THREADGROUPS = shipped_bounds
+        metal_kernels.source = ab_settings._source
 
 
 @pytest.mark.parametrize("T,window", [(37, 8), (40, 64), (33, -1)])

@@ -73,7 +73,10 @@ PADDED_STRIDES = {"cuda": True}  # threadgroup arrays padded against CUDA's shar
 # The resident scan takes 244-254 registers (one threadgroup of 256 an SM; 168-185 before its loads
 # were issued a stage ahead) and no bounds: held to 128 (two an SM, fourteenth session) its forward at
 # (8, 2048, 32) took 1.15 ms instead of 1.47, but the op at (4, 4096, 16) lost 8%.
-CUDA_MIN_THREADGROUPS = {"chunk_grads": 3, "chunk_scan_mma": 1}
+# chunk_output issues a stage's loads together (168 registers unbounded): held to 2 threadgroups
+# (128) the op's bf16 forward was 3-4% faster than with the earlier one load at a time (H100,
+# seventeenth session); held to 3 it spills and loses 40%.
+CUDA_MIN_THREADGROUPS = {"chunk_grads": 3, "chunk_scan_mma": 1, "chunk_output": 2}
 
 _override = None  # (backend name, factory) while use_factory is active
 _builders = {}  # get_kernel's key -> (factory, header, source)
@@ -448,6 +451,7 @@ def chunk_output(q, states, P, u, gamma, dtype, bf16_products, rows=None):
     return get_kernel("chunk_output", threads, bf16_products)(
         inputs=[q, states, P, u, gamma.reshape(M, C), src, dims],
         template=[("K", K), ("V", V), ("BV", bv), ("C", C), ("THREADS", threads), ("OutT", dtype),
+                  ("QT", q.dtype), ("ST", states.dtype), ("PT", P.dtype),
                   *config, ("ROWS", rows is not None), ("HV", 1 if rows is None else HV)],
         grid=(threads * M, V // bv, 1), threadgroup=(threads, 1, 1),
         output_shapes=[shape], output_dtypes=[dtype])[0]
