@@ -100,6 +100,22 @@ __device__ inline void simdgroup_store_transposed(const simdgroup_float8x8& m, T
   gdn_simdgroup_store(m, dst, 1, stride);
 }
 
+// d = a b + c on FP64 tensor cores (mma.m8n8k4.f64) whatever the kernel's mode: exact products of
+// the float factors, summed in double (rounded to float at the end in BF16 mode, whose accumulators
+// are float): for the products a BF16 kernel must keep at float precision (chunk_pieces' inverse).
+__device__ inline void simdgroup_multiply_accumulate_exact(simdgroup_float8x8& d, const simdgroup_float8x8& a,
+                                                           const simdgroup_float8x8& b,
+                                                           const simdgroup_float8x8& c) {
+  double d0 = c.c[0], d1 = c.c[1];
+  for (int h = 0; h < 2; ++h) {  // k = 2t + h: the even k, then the odd
+    asm("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
+        : "+d"(d0), "+d"(d1)
+        : "d"((double)(float)a.c[h]), "d"((double)b.b[h]));
+  }
+  d.c[0] = d0;
+  d.c[1] = d1;
+}
+
 #ifdef GDN_MMA_BF16
 // two floats as a bfloat16 pair, lo in the low half (the lower k index)
 __device__ inline uint gdn_bf16x2(float lo, float hi) {
@@ -134,14 +150,7 @@ __device__ inline void simdgroup_multiply_accumulate(simdgroup_float8x8& d, cons
 __device__ inline void simdgroup_multiply_accumulate(simdgroup_float8x8& d, const simdgroup_float8x8& a,
                                                      const simdgroup_float8x8& b,
                                                      const simdgroup_float8x8& c) {
-  double d0 = c.c[0], d1 = c.c[1];
-  for (int h = 0; h < 2; ++h) {  // k = 2t + h: the even k, then the odd
-    asm("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
-        : "+d"(d0), "+d"(d1)
-        : "d"((double)(float)a.c[h]), "d"((double)b.b[h]));
-  }
-  d.c[0] = d0;
-  d.c[1] = d1;
+  simdgroup_multiply_accumulate_exact(d, a, b, c);
 }
 
 // d += a b and d2 += a2 b (Metal's prelude defines the same pair).

@@ -17,9 +17,11 @@
 //   product may be accumulated into and used as a left factor, but is stored and loaded again before
 //   it is used as a right factor;
 //   simdgroup_multiply_accumulate_pair(d, d2, a, a2, b): d += a b and d2 += a2 b (two 8x8 products
-//   with one right factor, which a prelude may run as one 16 x 8 x 8 product).
-// Metal has all of these natively but make_float4, the pair and the transposed names; the SIMD-group
-// matrix header needs including.
+//   with one right factor, which a prelude may run as one 16 x 8 x 8 product);
+//   simdgroup_multiply_accumulate_exact(d, a, b, c): a product at float precision or better even in
+//   a kernel whose other products round their factors to bfloat16 (CUDA's BF16 mode).
+// Metal has all of these natively but make_float4, the pair, the exact product (Metal's products
+// are float) and the transposed names; the SIMD-group matrix header needs including.
 #include <metal_simdgroup_matrix>
 inline float4 make_float4(float x, float y, float z, float w) { return float4(x, y, z, w); }
 inline void simdgroup_multiply_accumulate_pair(thread simdgroup_float8x8& d, thread simdgroup_float8x8& d2,
@@ -28,6 +30,11 @@ inline void simdgroup_multiply_accumulate_pair(thread simdgroup_float8x8& d, thr
                                                const thread simdgroup_float8x8& b) {
   simdgroup_multiply_accumulate(d, a, b, d);
   simdgroup_multiply_accumulate(d2, a2, b, d2);
+}
+inline void simdgroup_multiply_accumulate_exact(thread simdgroup_float8x8& d, const thread simdgroup_float8x8& a,
+                                                const thread simdgroup_float8x8& b,
+                                                const thread simdgroup_float8x8& c) {
+  simdgroup_multiply_accumulate(d, a, b, c);
 }
 template <typename P>
 inline void simdgroup_load_transposed(thread simdgroup_float8x8& m, P src, ulong stride) {

@@ -66,6 +66,36 @@ def check_pieces(M, C, K, V, tol=1e-5, dtype=mx.float32):
         assert np.array_equal(np.array(getattr(got, name)), np.array(getattr(forward, name))), name
 
 
+def pieces_oracle(q, k, v, g, beta):
+    """P, W, U, T of chunk-major inputs in float64 (numpy): the definitions in chunk_pieces.metal."""
+    q, k, v, g, beta = (np.array(x).astype(np.float64) for x in (q, k, v, g, beta))
+    C = q.shape[-2]
+    gamma = np.cumsum(g, axis=-2)
+    Gam = np.exp(gamma - np.swapaxes(gamma, -1, -2)) * np.tril(np.ones((C, C)))
+    P = q @ np.swapaxes(k, -1, -2) * Gam
+    A = beta * (k @ np.swapaxes(k, -1, -2) * Gam * np.tril(np.ones((C, C)), -1))
+    T = np.linalg.inv(np.eye(C) + A)
+    return P, T @ (k * beta * np.exp(gamma)), T @ (v * beta), T
+
+
+def check_pieces_bf16_products(M, C, K, V, tol=1e-5):
+    """The forward's chunk pieces with 8x8 BF16 products (kernels.pieces_mma; bfloat16 q, k, v as
+    the forward passes them) against the float64 oracle: P from exact products of the bfloat16 q and
+    k (float sums); W and U at bfloat16's level (T and the scaled k, v rounded, as fla's w/u), and
+    visibly rounded (the BF16 path ran); T exact (step 3 keeps float precision)."""
+    _, (q, k, v, g, beta) = _chunk_inputs(M, C, K, V, mx.bfloat16)
+    P, W, U, T = pieces_oracle(q, k, v, g, beta)
+    gamma = mx.cumsum(g, axis=-2)
+    typed = [x.astype(mx.bfloat16) for x in (q, k, v)]
+    _, got_P, got_T, got_W, got_U = kernels.chunk_pieces(*typed, gamma, beta, all_pieces=True, mma=True)
+    assert rms_rel(P, np.array(got_P)) <= tol and rms_rel(T, np.array(got_T)) <= tol
+    for want, got in ((W, got_W), (U, got_U)):
+        assert 2e-4 <= rms_rel(want, np.array(got)) <= 1e-2
+    forward = kernels.chunk_pieces(*typed, gamma, beta, all_pieces=False, mma=True)
+    for a, b in zip((got_P, got_W, got_U), (forward[1], forward[3], forward[4])):
+        assert np.array_equal(np.array(a), np.array(b))
+
+
 def check_output(M, C, K, V, dtype=mx.float32, bf16_products=False, tol=1e-5):
     """The output kernel (chunk_output, forced) against chunk._output (float32 GEMMs) and a float64
     oracle: o = diag(e^gamma) q S + P u, written in dtype; bf16_products as the op passes it."""

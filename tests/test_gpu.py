@@ -16,7 +16,8 @@ import pytest
 
 from mlx_gdn.ops import gated_delta_rule, kernels  # noqa: E402
 from reference import assert_close, gated_delta_reference, make_inputs, rms_rel
-from kernel_checks import check_grads, check_layout, check_output, check_pieces, check_scans
+from kernel_checks import (check_grads, check_layout, check_output, check_pieces, check_pieces_bf16_products,
+                           check_scans)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(kernels.backend() not in ("metal", "cuda"),
@@ -56,6 +57,11 @@ def test_scan_kernels_match_ops_scans(monkeypatch, scan, N, HV, K, V, segments):
                                      (10, 16, 64, 32)])
 def test_chunk_pieces_kernel_matches_ops(M, C, K, V):
     check_pieces(M, C, K, V, FP32_TOL)
+
+
+@pytest.mark.parametrize("M,C,K,V", [(64, 64, 128, 128), (27, 64, 200, 400), (18, 32, 100, 60)])
+def test_chunk_pieces_with_bf16_products(M, C, K, V):
+    check_pieces_bf16_products(M, C, K, V, FP32_TOL)
 
 
 @pytest.mark.parametrize("products", ["float", "bf16"])

@@ -14,7 +14,8 @@ from mlx_gdn.models import Model, ModelArgs, PRESETS
 from mlx_gdn.ops import chunk, gated_delta, gated_delta_rule, kernels
 from mlx_gdn.train import loss_fn
 from reference import assert_close, gated_delta_reference, make_inputs, rms_rel
-from kernel_checks import check_grads, check_layout, check_output, check_pieces, check_scans
+from kernel_checks import (check_grads, check_layout, check_output, check_pieces, check_pieces_bf16_products,
+                           check_scans)
 
 FP32_TOL = 1e-5
 
@@ -261,6 +262,19 @@ def chunk_kernel_config(monkeypatch, threads, limit, padded):
 def test_chunk_pieces_kernel_matches_ops(emulated, monkeypatch, M, C, K, V, config):
     chunk_kernel_config(monkeypatch, *config)
     check_pieces(M, C, K, V)
+
+
+@pytest.mark.parametrize("M,C,K,V,config", [PIECES_CASES[i] for i in (0, 1, 4)])
+def test_chunk_pieces_with_bf16_products(emulated, monkeypatch, M, C, K, V, config):
+    chunk_kernel_config(monkeypatch, *config)
+    check_pieces_bf16_products(M, C, K, V)
+
+
+def test_forward_pieces_multiply_in_bf16_where_auto_does(emulated, monkeypatch):
+    monkeypatch.setattr(kernels, "BF16_PRODUCT_BACKENDS", {"emulated"})
+    assert kernels.pieces_mma(True) and not kernels.pieces_mma(False)
+    monkeypatch.setattr(kernels, "PIECES_MMA", False)
+    assert not kernels.pieces_mma(True)
 
 
 OUTPUT_CASES = [

@@ -192,7 +192,7 @@ class _ChunkPieces:
     KEPT = ("KKG", "P", "Tinv", "W", "U")  # what the backward can take from the forward instead
 
     def __init__(self, q, k, v, g, beta, kept=(), all_pieces=True, types=(mx.float32, mx.float32),
-                 v_rows=None, wu_gemm=False):
+                 v_rows=None, wu_gemm=False, mma=False):
         C = q.shape[-2]
         self.incl, self.strict = _masks(C)
         self.gamma, self.eg, self.tail, self.decay = fused(_gates)(g)
@@ -208,7 +208,7 @@ class _ChunkPieces:
             if v_rows is not None:
                 v, v_rows = kernels.rows_to_chunks(v, v_rows[0], q.shape[1], C, dtype=v.dtype), None
         self.KKG, self.P, self.Tinv, self.W, self.U = kept or kernels.chunk_pieces(
-            q, k, v, self.gamma, beta, all_pieces, types, v_rows, not wu_gemm)
+            q, k, v, self.gamma, beta, all_pieces, types, v_rows, not wu_gemm, mma)
         if wu_gemm:
             self.W, self.U = fused(_pieces_after_inverse_bf16)(self.Tinv, k, v, beta, self.eg)
         if self.KKG is not None:
@@ -268,9 +268,10 @@ def _forward_block(q, k, v, g, beta, h0, segments, keep=False, out_dtype=mx.floa
         if keep:  # kept pieces go to the backward in float32
             w_type = p_type = mx.float32
     rows = None if to_rows is None else (to_rows[0], *to_rows[2:])  # (src, B, T) for the kernels
-    wu_gemm = kernels.backend() != "ops" and not keep and kernels.pieces_wu_gemm(bf16_products)
+    forward_only = kernels.backend() != "ops" and not keep  # kept pieces: the backward's precision
     pc = _ChunkPieces(q, k, v, g, beta, all_pieces=keep, types=(w_type, p_type), v_rows=rows,
-                      wu_gemm=wu_gemm)
+                      wu_gemm=forward_only and kernels.pieces_wu_gemm(bf16_products),
+                      mma=forward_only and kernels.pieces_mma(bf16_products))
     o = None
     if kernels.backend() == "ops":
         states, u, hT = _scan_forward(pc.W, pc.U, pc.Kt, pc.decay, h0, segments)

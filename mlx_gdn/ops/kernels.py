@@ -76,7 +76,10 @@ PADDED_STRIDES = {"cuda": True}  # threadgroup arrays padded against CUDA's shar
 # chunk_output issues a stage's loads together (168 registers unbounded): held to 2 threadgroups
 # (128) the op's bf16 forward was 3-4% faster than with the earlier one load at a time (H100,
 # seventeenth session); held to 3 it spills and loses 40%.
-CUDA_MIN_THREADGROUPS = {"chunk_grads": 3, "chunk_scan_mma": 1, "chunk_output": 2}
+# chunk_pieces: 72 registers with its BF16 8x8 products (PIECES_MMA), 3 threadgroups an SM; held to
+# 4 (64 registers, no spills; the float-FMA build took 64 from NVRTC anyway) the op's forward was 9%
+# faster (H100, seventeenth session).
+CUDA_MIN_THREADGROUPS = {"chunk_grads": 3, "chunk_scan_mma": 1, "chunk_output": 2, "chunk_pieces": 4}
 
 _override = None  # (backend name, factory) while use_factory is active
 _builders = {}  # get_kernel's key -> (factory, header, source)
@@ -333,6 +336,7 @@ def scan_backward(PdO, QdO, k, W, gamma, dhT, segments, bf16_products=False):
 
 
 PIECES_THREADS = 256  # chunk_pieces: a chunk's 136 lower 4x4 tiles of K K^T and Q K^T, 256 of W and U
+# (PIECES_MMA: 8 SIMD groups for 36 lower 8x8 blocks, and 8 column blocks of W or U)
 
 
 def _pieces_config(C, limit, padded):
@@ -470,25 +474,41 @@ def _per_chunk_launch(q, v, config):
         grid=(threads * (q.size // (C * K)), 1, 1), threadgroup=(threads, 1, 1))
 
 
+# The forward's chunk pieces with bfloat16 inputs on CUDA (where "auto" multiplies in BF16): K K^T,
+# Q K^T (step 1) and W, U (step 4) on 8x8 products with bfloat16 factors and float sums (fla's kkt
+# and recompute_w_u precision), the inverse (step 3) exact as elsewhere. H100, seventeenth session,
+# the op's bf16 forward: 3.08-3.14 ms against 3.27-3.33 with the float FMAs at (8, 2048, 32),
+# 1.90 / 1.98 at (4, 4096, 16), 1.53-1.55 / 1.62-1.67 at (1, 8192, 16) (held to 4 threadgroups an
+# SM: CUDA_MIN_THREADGROUPS; at 3, slower than the FMAs). With FP64 products instead the kernel was
+# no faster than the FMAs and the backward's pieces 8% slower: elsewhere the FMAs stay.
+PIECES_MMA = True
+
+
+def pieces_mma(bf16_products):
+    """Whether the forward's chunk pieces run steps 1 and 4 on BF16 8x8 products (PIECES_MMA)."""
+    return PIECES_MMA and _auto_bf16(bf16_products)
+
+
 def chunk_pieces(q, k, v, gamma, beta, all_pieces=True, types=(mx.float32, mx.float32), v_rows=None,
-                 wu=True):
+                 wu=True, mma=False):
     """The chunk pieces kernel on chunk-major q, k [N * B, HV, C, K], v [N * B, HV, C, V] (any float
     type), gamma, beta [..., C, 1] (float32): (KKG, P, Tinv, W, U) as chunk._pieces_before_inverse /
     _pieces_after_inverse give them, W and P in types (forward_types); KKG and Tinv None unless
     all_pieces (the forward needs neither: two C x C arrays a chunk not written). Given v_rows =
     (src, B, T) (src: rows_to_chunks' map of the N C padded positions), v is read from token rows
     [B, T, HV, V] instead (no layout pass over v). wu=False: W and U are not computed (None) and
-    Tinv is written, in bfloat16 (the forward's caller multiplies: PIECES_WU)."""
+    Tinv is written, in bfloat16 (the forward's caller multiplies: PIECES_WU). mma: K K^T, Q K^T, W
+    and U as 8x8 products with bfloat16 factors (pieces_mma)."""
     w_type, p_type = types
     lead, C, K, V, launch = _per_chunk_launch(q, v, _pieces_config)
     src, dims = _row_maps(v_rows)
     t_type = mx.float32 if wu or all_pieces else mx.bfloat16
     launch["template"] += [("ALL_PIECES", all_pieces), ("WT", w_type), ("PT", p_type),
                            ("V_ROWS", v_rows is not None), ("HV", 1 if v_rows is None else q.shape[1]),
-                           ("WU", wu), ("TT", t_type)]
+                           ("WU", wu), ("TT", t_type), ("MMA", mma)]
     square = (*lead, C, C)
     placeholder = (1,)  # an output not written
-    KKG, P, Tinv, W, U = get_kernel("chunk_pieces", launch["threadgroup"][0])(
+    KKG, P, Tinv, W, U = get_kernel("chunk_pieces", launch["threadgroup"][0], mma)(
         inputs=[q, k, v, gamma, beta, src, dims],
         output_shapes=[square if all_pieces else placeholder, square,
                        square if all_pieces or not wu else placeholder,

@@ -178,20 +178,33 @@ inline float gdn_factor(float x) { return static_cast<float>(bfloat16_t(x)); }
 inline float gdn_factor(float x) { return x; }
 #endif
 
-inline void simdgroup_multiply_accumulate(simdgroup_float8x8& d, const simdgroup_float8x8& a,
-                                          const simdgroup_float8x8& b,
-                                          const simdgroup_float8x8& c) {
+inline float gdn_float_factor(float x) { return x; }
+
+inline void gdn_multiply_accumulate(simdgroup_float8x8& d, const simdgroup_float8x8& a,
+                                    const simdgroup_float8x8& b, const simdgroup_float8x8& c,
+                                    float (*factor)(float)) {
   if (b.product) emu::fail("a SIMD-group product used as a right factor (store and load it first)");
   simd_sum(0.0f);  // every lane of the SIMD group must take part
   simdgroup_float8x8 r;
   for (int i = 0; i < 8; ++i)
     for (int j = 0; j < 8; ++j) {
       float acc = c.e[i * 8 + j];
-      for (int k = 0; k < 8; ++k) acc = std::fma(gdn_factor(a.e[i * 8 + k]), gdn_factor(b.e[k * 8 + j]), acc);
+      for (int k = 0; k < 8; ++k) acc = std::fma(factor(a.e[i * 8 + k]), factor(b.e[k * 8 + j]), acc);
       r.e[i * 8 + j] = acc;
     }
   r.product = true;
   d = r;
+}
+
+inline void simdgroup_multiply_accumulate(simdgroup_float8x8& d, const simdgroup_float8x8& a,
+                                          const simdgroup_float8x8& b, const simdgroup_float8x8& c) {
+  gdn_multiply_accumulate(d, a, b, c, gdn_factor);
+}
+
+// float factors whatever GDN_MMA_BF16 says (the CUDA prelude's FP64 products, Metal's float ones)
+inline void simdgroup_multiply_accumulate_exact(simdgroup_float8x8& d, const simdgroup_float8x8& a,
+                                                const simdgroup_float8x8& b, const simdgroup_float8x8& c) {
+  gdn_multiply_accumulate(d, a, b, c, gdn_float_factor);
 }
 
 inline void simdgroup_multiply_accumulate_pair(simdgroup_float8x8& d, simdgroup_float8x8& d2,
