@@ -264,7 +264,8 @@ def test_chunk_pieces_kernel_matches_ops(emulated, monkeypatch, M, C, K, V, conf
     check_pieces(M, C, K, V)
 
 
-@pytest.mark.parametrize("M,C,K,V,config", [PIECES_CASES[i] for i in (0, 1, 4)])
+@pytest.mark.parametrize("M,C,K,V,config", [PIECES_CASES[i] for i in (0, 1, 4)]
+                         + [(2, 24, 40, 16, (64, 32768, True))])  # an odd count of 8-row blocks
 def test_chunk_pieces_with_bf16_products(emulated, monkeypatch, M, C, K, V, config):
     chunk_kernel_config(monkeypatch, *config)
     check_pieces_bf16_products(M, C, K, V)
