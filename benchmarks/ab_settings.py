@@ -7,9 +7,9 @@ outputs compared with the first variant's; fla after ours in the same process (-
 
 A variant is a name and kernels.py settings (NAME=value: ints, "0"/"1" for booleans, else strings);
 unnamed settings keep their shipped values; a dict setting takes NAME=key:value,... over its shipped
-entries (CUDA_MIN_THREADGROUPS=chunk_output:2). body:KERNEL=FILE swaps a kernel's body for the text of
-FILE (e.g. the previous version of a .metal file: `git show HEAD~1:metal_kernels/X.metal > old.metal`). Shapes are B,T,H (K = V = 128), bench_gpu's inputs
-with the in-kernel L2 norm. (The sixteenth session's bf16-intermediate A/Bs were made this way.)
+entries (CUDA_MIN_THREADGROUPS=chunk_output:2). body:KERNEL=FILE swaps a kernel's body for the text
+of FILE (e.g. the previous version of a .metal file: `git show HEAD~1:metal_kernels/X.metal >
+old.metal`). Shapes are B,T,H (K = V = 128), bench_gpu's inputs with the in-kernel L2 norm. (The sixteenth session's bf16-intermediate A/Bs were made this way.)
 """
 
 import argparse

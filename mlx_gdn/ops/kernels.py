@@ -77,8 +77,8 @@ PADDED_STRIDES = {"cuda": True}  # threadgroup arrays padded against CUDA's shar
 # (128) the op's bf16 forward was 3-4% faster than with the earlier one load at a time (H100,
 # seventeenth session); held to 3 it spills and loses 40%.
 # chunk_pieces: 72 registers with its BF16 8x8 products (PIECES_MMA), 3 threadgroups an SM; held to
-# 4 (64 registers, no spills; the float-FMA build took 64 from NVRTC anyway) the op's forward was 9%
-# faster (H100, seventeenth session).
+# 4 (64 registers, no spills; the float-FMA build took 64 from NVRTC anyway) the op's forward was
+# 7-11% faster (H100, seventeenth session).
 CUDA_MIN_THREADGROUPS = {"chunk_grads": 3, "chunk_scan_mma": 1, "chunk_output": 2, "chunk_pieces": 4}
 
 _override = None  # (backend name, factory) while use_factory is active
@@ -410,9 +410,9 @@ def forward_types(R, C, K, V, bf16_products):
 # Step 4 of the chunk pieces, W = T diag(beta e^gamma) K and U = T diag(beta) V: "kernel" (in
 # chunk_pieces, SIMT float products) or "gemm" (chunk_pieces writes T in bfloat16 and MLX's batched
 # GEMMs multiply bfloat16 factors into bfloat16 W and U, as fla's recompute_w_u), the latter for
-# bfloat16 inputs where "auto" multiplies in BF16 (_auto_bf16), in the forward only. Sixteenth
-# session, not timed yet: ncu put the chunk pieces at 1228 us against fla's 403 at (8, 2048, 32),
-# latency-bound; this takes their longest step out of the kernel.
+# bfloat16 inputs where "auto" multiplies in BF16 (_auto_bf16), in the forward only. H100,
+# seventeenth session (before PIECES_MMA): the op's forward level with "kernel" (3.37 against
+# 3.34-3.37 ms at (8, 2048, 32)): the GEMMs take what the kernel gives back.
 PIECES_WU = "kernel"
 
 
