@@ -25,7 +25,10 @@
 // bfloat16 where the forward's one reader of each rounds its factors to bfloat16 anyway); V_ROWS
 // and HV: v is read from token rows (the forward's: no layout pass over v; chunk m is
 // (n B + b) HV + h); WU: step 4 runs here (else W and U are not written, and T is, in TT: the
-// caller multiplies, kernels.PIECES_WU); MMA (above).
+// caller multiplies, kernels.PIECES_WU); MMA (above); QInT, KInT, VInT: the types of q, k, v.
+// Where K and V are multiples of 8, q, k, v, W and U are read and written 8 elements a thread at a
+// time (gdn_load_vec8 / gdn_store_vec8: one 16-byte access where scalar ones took eight, each waited
+// on in turn: ncu, eighteenth session); P and KKG always.
 // Inputs: q, k [M,C,K]; v [M,C,V], or with V_ROWS [B,T,HV,V] (any float type); gamma, beta [M,C]
 // float32; src [N C] int32 and dims [2] int32 (B, T), read only with V_ROWS: the token at each
 // padded position of a batch row, or -1 (kernels.rows_to_chunks' map).
@@ -45,6 +48,9 @@ constexpr int HALF = (NB + 1) / 2;            // MMA: step 4 pairs T's block row
 constexpr int NKB = (K + C - 1) / C;          // column blocks of W, then of U
 constexpr int NVB = (V + C - 1) / C;
 constexpr int QT = 0, KT = KC * TS;           // the stage of step 1 in x_s: q^T, k^T
+constexpr bool VEC = K % 8 == 0 && V % 8 == 0;  // rows of q, k, v, W, U 8 elements a load or store
+constexpr int QK_VECS = (C * KC / 8 + THREADS - 1) / THREADS;  // a thread's loads of a stage of q (of k)
+constexpr int X_VECS = (C * C / 8 + THREADS - 1) / THREADS;  // of a k or v block; its stores of W or U
 constexpr int RX = 2 * KC * TS > C * CS ? 2 * KC * TS : C * CS;
 threadgroup float x_s[RX];  // stage of q^T, k^T; then Q K^T; then T
 threadgroup float y_s[C * CS];  // K K^T, then -A; then a staged k or v block
@@ -93,12 +99,38 @@ for (int i = 0; i < tiles; ++i) {
   }
 }
 for (int kc = 0; kc < K; kc += KC) {
-  threadgroup_barrier(mem_flags::mem_threadgroup);  // the previous block's products are done
-  for (int e = (int)tid; e < C * KC; e += THREADS) {
-    const int c = e / KC, j = e % KC;
-    const bool inside = kc + j < K;
-    x_s[QT + j * TS + c] = inside ? static_cast<float>(q[(g0 + c) * K + kc + j]) : 0.0f;
-    x_s[KT + j * TS + c] = inside ? static_cast<float>(k[(g0 + c) * K + kc + j]) : 0.0f;
+  if (VEC) {  // row c = e % C, columns 8 (e / C) + 0..7 (consecutive lanes: rows, so the transposed
+             // stores meet no bank twice); all loads issued before the barrier
+    gdn_vec8<QInT> q_r[QK_VECS];
+    gdn_vec8<KInT> k_r[QK_VECS];
+#pragma unroll
+    for (int i = 0; i < QK_VECS; ++i) {
+      const int e = (int)tid + i * THREADS, c = e % C, j0 = e / C * 8;
+      if (e < C * KC / 8 && kc + j0 < K) {
+        q_r[i] = gdn_load_vec8(&q[(g0 + c) * K + kc + j0]);
+        k_r[i] = gdn_load_vec8(&k[(g0 + c) * K + kc + j0]);
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // the previous block's products are done
+#pragma unroll
+    for (int i = 0; i < QK_VECS; ++i) {
+      const int e = (int)tid + i * THREADS, c = e % C, j0 = e / C * 8;
+      if (e < C * KC / 8) {
+        const bool inside = kc + j0 < K;
+        for (int j = 0; j < 8; ++j) {
+          x_s[QT + (j0 + j) * TS + c] = inside ? q_r[i].get(j) : 0.0f;
+          x_s[KT + (j0 + j) * TS + c] = inside ? k_r[i].get(j) : 0.0f;
+        }
+      }
+    }
+  } else {
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // the previous block's products are done
+    for (int e = (int)tid; e < C * KC; e += THREADS) {
+      const int c = e / KC, j = e % KC;
+      const bool inside = kc + j < K;
+      x_s[QT + j * TS + c] = inside ? static_cast<float>(q[(g0 + c) * K + kc + j]) : 0.0f;
+      x_s[KT + j * TS + c] = inside ? static_cast<float>(k[(g0 + c) * K + kc + j]) : 0.0f;
+    }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 #pragma unroll
@@ -154,16 +186,22 @@ for (int i = 0; i < tiles; ++i) {
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 
-// 2. decay and masks (tiles above the diagonal were never stored: selected away, not multiplied)
-for (int e = (int)tid; e < C * C; e += THREADS) {
-  const int i = e / C, j = e % C;
-  const float decay = i >= j ? exp(gamma[g0 + i] - gamma[g0 + j]) : 0.0f;
-  const float kk = i > j ? y_s[i * CS + j] * decay : 0.0f;
-  if (ALL_PIECES) {
-    KKG[m * C * C + e] = kk;
+// 2. decay and masks (tiles above the diagonal were never stored: selected away, not multiplied),
+// row i, columns 8 (e % (C / 8)) + 0..7 a thread
+for (int e = (int)tid; e < C * C / 8; e += THREADS) {
+  const int i = e / (C / 8), j0 = e % (C / 8) * 8;
+  float kk[8], p[8];
+  for (int jj = 0; jj < 8; ++jj) {
+    const int j = j0 + jj;
+    const float decay = i >= j ? exp(gamma[g0 + i] - gamma[g0 + j]) : 0.0f;
+    kk[jj] = i > j ? y_s[i * CS + j] * decay : 0.0f;
+    p[jj] = i >= j ? x_s[i * CS + j] * decay : 0.0f;
+    y_s[i * CS + j] = -beta[g0 + i] * kk[jj];
   }
-  P[m * C * C + e] = static_cast<PT>(i >= j ? x_s[i * CS + j] * decay : 0.0f);
-  y_s[i * CS + j] = -beta[g0 + i] * kk;
+  if (ALL_PIECES) {
+    gdn_store_vec8(&KKG[m * C * C + e * 8], kk);
+  }
+  gdn_store_vec8(&P[m * C * C + e * 8], p);
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -222,16 +260,44 @@ for (int e = (int)tid; e < (ALL_PIECES || !WU ? C * C : 0); e += THREADS) {
 for (int blk = 0; blk < (WU ? NKB + NVB : 0); ++blk) {
   const bool is_w = blk < NKB;
   const int c0 = (is_w ? blk : blk - NKB) * C, width = is_w ? K : V;
-  threadgroup_barrier(mem_flags::mem_threadgroup);  // -A, or the previous block, is no longer read
-  for (int e = (int)tid; e < C * C; e += THREADS) {
-    const int c = e / C, j = e % C;
-    float x = 0.0f;
-    if (c0 + j < width && (is_w || v_s[c] != ~0u)) {
-      const float b = beta[g0 + c];
-      x = is_w ? static_cast<float>(k[(g0 + c) * K + c0 + j]) * (b * exp(gamma[g0 + c]))
-               : static_cast<float>(v[v_s[c] + c0 + j]) * b;
+  if (VEC) {  // row c = e / (C / 8), columns 8 (e % (C / 8)) + 0..7; all loads before the barrier
+    gdn_vec8<KInT> k_r[X_VECS];
+    gdn_vec8<VInT> v_r[X_VECS];
+#pragma unroll
+    for (int i = 0; i < X_VECS; ++i) {
+      const int e = (int)tid + i * THREADS, c = e / (C / 8), j0 = e % (C / 8) * 8;
+      if (e < C * C / 8 && c0 + j0 < width) {
+        if (is_w) {
+          k_r[i] = gdn_load_vec8(&k[(g0 + c) * K + c0 + j0]);
+        } else if (v_s[c] != ~0u) {
+          v_r[i] = gdn_load_vec8(&v[v_s[c] + c0 + j0]);
+        }
+      }
     }
-    y_s[c * CS + j] = x;
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // -A, or the previous block, is no longer read
+#pragma unroll
+    for (int i = 0; i < X_VECS; ++i) {
+      const int e = (int)tid + i * THREADS, c = e / (C / 8), j0 = e % (C / 8) * 8;
+      if (e < C * C / 8) {
+        const bool inside = c0 + j0 < width && (is_w || v_s[c] != ~0u);
+        const float b = beta[g0 + c], scale = is_w ? b * exp(gamma[g0 + c]) : b;
+        for (int j = 0; j < 8; ++j) {
+          y_s[c * CS + j0 + j] = inside ? (is_w ? k_r[i].get(j) : v_r[i].get(j)) * scale : 0.0f;
+        }
+      }
+    }
+  } else {
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // -A, or the previous block, is no longer read
+    for (int e = (int)tid; e < C * C; e += THREADS) {
+      const int c = e / C, j = e % C;
+      float x = 0.0f;
+      if (c0 + j < width && (is_w || v_s[c] != ~0u)) {
+        const float b = beta[g0 + c];
+        x = is_w ? static_cast<float>(k[(g0 + c) * K + c0 + j]) * (b * exp(gamma[g0 + c]))
+                 : static_cast<float>(v[v_s[c] + c0 + j]) * b;
+      }
+      y_s[c * CS + j] = x;
+    }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
   if (MMA) {
@@ -280,13 +346,31 @@ for (int blk = 0; blk < (WU ? NKB + NVB : 0); ++blk) {
       }
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    for (int e = (int)tid; e < C * C; e += THREADS) {
-      const int c = e / C, col = c0 + e % C;
-      if (col < width) {
-        if (is_w) {
-          W[(g0 + c) * K + col] = static_cast<WT>(y_s[c * CS + e % C]);
-        } else {
-          U[(g0 + c) * V + col] = y_s[c * CS + e % C];
+    if (VEC) {  // row c = e / (C / 8), columns 8 (e % (C / 8)) + 0..7 a store
+#pragma unroll
+      for (int i = 0; i < X_VECS; ++i) {
+        const int e = (int)tid + i * THREADS, c = e / (C / 8), j0 = e % (C / 8) * 8;
+        if (e < C * C / 8 && c0 + j0 < width) {
+          float x[8];
+          for (int j = 0; j < 8; ++j) {
+            x[j] = y_s[c * CS + j0 + j];
+          }
+          if (is_w) {
+            gdn_store_vec8(&W[(g0 + c) * K + c0 + j0], x);
+          } else {
+            gdn_store_vec8(&U[(g0 + c) * V + c0 + j0], x);
+          }
+        }
+      }
+    } else {
+      for (int e = (int)tid; e < C * C; e += THREADS) {
+        const int c = e / C, col = c0 + e % C;
+        if (col < width) {
+          if (is_w) {
+            W[(g0 + c) * K + col] = static_cast<WT>(y_s[c * CS + e % C]);
+          } else {
+            U[(g0 + c) * V + col] = y_s[c * CS + e % C];
+          }
         }
       }
     }

@@ -100,6 +100,62 @@ __device__ inline void simdgroup_store_transposed(const simdgroup_float8x8& m, T
   gdn_simdgroup_store(m, dst, 1, stride);
 }
 
+// column j of m times scale[j] (j < 8; scale in threadgroup memory), in the lanes that hold it (the
+// accumulator's columns 2t, 2t + 1; the right factor's column g): a product's columns scaled without
+// a store and load. lane: thread_index_in_simdgroup (Metal's prelude needs it passed).
+__device__ inline void simdgroup_scale_columns(simdgroup_float8x8& m, const float* scale, uint lane) {
+  const uint g = lane >> 2, t = lane & 3u;
+  m.c[0] *= scale[2 * t];
+  m.c[1] *= scale[2 * t + 1];
+  m.b[0] *= scale[g];
+  m.b[1] *= scale[g];
+}
+
+// 8 contiguous elements of a device array of T (float, bfloat16 or half) as loaded: one 16-byte load
+// for 16-bit types, two for float (one instruction where scalar loads took eight); .get(j) is
+// element j as float. gdn_load_vec8(p) and gdn_store_vec8(p, x) (x: 8 floats, stored as T): a p
+// that is not 16-byte aligned (a caller's array viewed at an odd offset) takes 8 scalar accesses.
+template <typename T>
+struct gdn_vec8 {
+  uint4 raw[sizeof(T) / 2];
+  __device__ float get(int j) const { return static_cast<float>(reinterpret_cast<const T*>(raw)[j]); }
+};
+template <typename T>
+__device__ inline gdn_vec8<T> gdn_load_vec8(const T* p) {
+  gdn_vec8<T> v;
+  if (reinterpret_cast<size_t>(p) % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < (int)(sizeof(T) / 2); ++i) {
+      v.raw[i] = reinterpret_cast<const uint4*>(p)[i];
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      reinterpret_cast<T*>(v.raw)[j] = p[j];
+    }
+  }
+  return v;
+}
+template <typename T>
+__device__ inline void gdn_store_vec8(T* p, const float* x) {
+  gdn_vec8<T> v;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    reinterpret_cast<T*>(v.raw)[j] = static_cast<T>(x[j]);
+  }
+  if (reinterpret_cast<size_t>(p) % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < (int)(sizeof(T) / 2); ++i) {
+      reinterpret_cast<uint4*>(p)[i] = v.raw[i];
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      p[j] = reinterpret_cast<const T*>(v.raw)[j];
+    }
+  }
+}
+
 // d = a b + c on FP64 tensor cores (mma.m8n8k4.f64) whatever the kernel's mode: exact products of
 // the float factors, summed in double (rounded to float at the end in BF16 mode, whose accumulators
 // are float): for the products a BF16 kernel must keep at float precision (chunk_pieces' inverse).

@@ -20,8 +20,14 @@
 //   with one right factor, which a prelude may run as one 16 x 8 x 8 product);
 //   simdgroup_multiply_accumulate_exact(d, a, b, c): a product at float precision or better even in
 //   a kernel whose other products round their factors to bfloat16 (CUDA's BF16 mode).
+//   simdgroup_scale_columns(m, threadgroup float pointer, thread_index_in_simdgroup): column j of m
+//   times scale[j], in the lanes that hold it (no store and load);
+//   gdn_vec8<T> (8 contiguous elements of a device array as loaded, .get(j) as float), from
+//   gdn_load_vec8(device pointer), and gdn_store_vec8(device pointer, 8 floats) (CUDA: one or two
+//   16-byte accesses where the pointer is 16-byte aligned);
 // Metal has all of these natively but make_float4, the pair, the exact product (Metal's products
-// are float) and the transposed names; the SIMD-group matrix header needs including.
+// are float), the column scaling, the vec8 loads and the transposed names; the SIMD-group matrix
+// header needs including.
 #include <metal_simdgroup_matrix>
 inline float4 make_float4(float x, float y, float z, float w) { return float4(x, y, z, w); }
 inline void simdgroup_multiply_accumulate_pair(thread simdgroup_float8x8& d, thread simdgroup_float8x8& d2,
@@ -43,4 +49,31 @@ inline void simdgroup_load_transposed(thread simdgroup_float8x8& m, P src, ulong
 template <typename P>
 inline void simdgroup_store_transposed(const thread simdgroup_float8x8& m, P dst, ulong stride) {
   simdgroup_store(m, dst, stride, ulong2(0, 0), true);
+}
+// A lane's two elements of an 8x8 matrix are row (q & 4) + (lane / 2) % 4, columns c and c + 1 with
+// c = (q & 2) * 2 + (lane % 2) * 2, q = lane / 4: the layout MLX's own GEMMs (steel's BaseMMAFrag)
+// rely on.
+inline void simdgroup_scale_columns(thread simdgroup_float8x8& m, const threadgroup float* scale, uint lane) {
+  const uint c = ((lane / 4) & 2) * 2 + (lane % 2) * 2;
+  m.thread_elements()[0] *= scale[c];
+  m.thread_elements()[1] *= scale[c + 1];
+}
+template <typename T>
+struct gdn_vec8 {
+  T e[8];
+  float get(int j) const { return static_cast<float>(e[j]); }
+};
+template <typename T>
+inline gdn_vec8<T> gdn_load_vec8(const device T* p) {
+  gdn_vec8<T> v;
+  for (int j = 0; j < 8; ++j) {
+    v.e[j] = p[j];
+  }
+  return v;
+}
+template <typename T>
+inline void gdn_store_vec8(device T* p, const thread float* x) {
+  for (int j = 0; j < 8; ++j) {
+    p[j] = static_cast<T>(x[j]);
+  }
 }

@@ -46,13 +46,15 @@ def test_cuda_resource_usage_compiles_every_chunk_kernel():
     bf16 = "__nv_bfloat16"
     rows = "src:int32_t dims:int32_t"
     cases = [("chunk_pieces", "K=100 V=60 C=64 THREADS=256 KC=32 CS=68 TS=68 ALL_PIECES=true WT=float PT=float "
-                              f"V_ROWS=false HV=1 {rows} WU=true TT=float MMA=false"),
+                              f"V_ROWS=false HV=1 {rows} WU=true TT=float MMA=false QInT=float KInT=float VInT=float"),
              ("chunk_pieces", f"K=128 V=128 C=64 THREADS=256 KC=32 CS=68 TS=68 ALL_PIECES=false "
                               f"q:{bf16} k:{bf16} v:{bf16} WT={bf16} PT={bf16} W:{bf16} P:{bf16} "
-                              f"V_ROWS=true HV=32 {rows} WU=true TT=float MMA=true BF16_PRODUCTS=true"),
+                              f"V_ROWS=true HV=32 {rows} WU=true TT=float MMA=true BF16_PRODUCTS=true "
+                              f"QInT={bf16} KInT={bf16} VInT={bf16}"),
              ("chunk_pieces", f"K=128 V=128 C=64 THREADS=256 KC=32 CS=68 TS=68 ALL_PIECES=false "
                               f"q:{bf16} k:{bf16} v:{bf16} WT=float PT={bf16} P:{bf16} T:{bf16} "
-                              f"V_ROWS=false HV=1 {rows} WU=false TT={bf16} MMA=false"),
+                              f"V_ROWS=false HV=1 {rows} WU=false TT={bf16} MMA=false "
+                              f"QInT={bf16} KInT={bf16} VInT={bf16}"),
              ("chunk_scan_mma", "K=128 V=128 C=64 THREADS=512 BV=16 CB=32 KS=4 REVERSE=true "
                                 f"HAS_Y=true AST=132 BST=36 HST=24 A:{bf16} StateT=float"),
              ("chunk_scan", f"K=200 V=400 C=64 THREADS=256 BV=16 CB=16 REVERSE=false HAS_Y=false StateT={bf16} "

@@ -505,7 +505,8 @@ def chunk_pieces(q, k, v, gamma, beta, all_pieces=True, types=(mx.float32, mx.fl
     t_type = mx.float32 if wu or all_pieces else mx.bfloat16
     launch["template"] += [("ALL_PIECES", all_pieces), ("WT", w_type), ("PT", p_type),
                            ("V_ROWS", v_rows is not None), ("HV", 1 if v_rows is None else q.shape[1]),
-                           ("WU", wu), ("TT", t_type), ("MMA", mma)]
+                           ("WU", wu), ("TT", t_type), ("MMA", mma),
+                           ("QInT", q.dtype), ("KInT", k.dtype), ("VInT", v.dtype)]
     square = (*lead, C, C)
     placeholder = (1,)  # an output not written
     KKG, P, Tinv, W, U = get_kernel("chunk_pieces", launch["threadgroup"][0], mma)(

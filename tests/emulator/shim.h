@@ -170,6 +170,30 @@ inline void simdgroup_store_transposed(const simdgroup_float8x8& m, T* dst, unsi
   dst[(col + 1) * stride + row] = static_cast<T>(m.e[row * 8 + col + 1]);
 }
 
+// column j of m times scale[j] (every lane holds the whole matrix here)
+inline void simdgroup_scale_columns(simdgroup_float8x8& m, const float* scale, uint lane) {
+  if (lane != emu::launch_state()->current->index % 32u) emu::fail("simdgroup_scale_columns: lane is not thread_index_in_simdgroup");
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) m.e[i * 8 + j] *= scale[j];
+}
+
+// 8 contiguous elements as loaded (CUDA: one or two 16-byte accesses where the pointer is aligned)
+template <typename T>
+struct gdn_vec8 {
+  T e[8];
+  float get(int j) const { return static_cast<float>(e[j]); }
+};
+template <typename T>
+inline gdn_vec8<T> gdn_load_vec8(const T* p) {
+  gdn_vec8<T> v;
+  for (int j = 0; j < 8; ++j) v.e[j] = p[j];
+  return v;
+}
+template <typename T>
+inline void gdn_store_vec8(T* p, const float* x) {
+  for (int j = 0; j < 8; ++j) p[j] = static_cast<T>(x[j]);
+}
+
 // GDN_MMA_BF16 (defined ahead of this file by the kernel's header): factors rounded to bfloat16, as
 // the CUDA prelude's BF16 mode multiplies
 #ifdef GDN_MMA_BF16
