@@ -11,12 +11,13 @@
 // Device memory is read and written 8 elements a thread at a time (gdn_load_vec8 / gdn_store_vec8:
 // one 16-byte load where the scalar loads took eight, each with its own address; ncu, eighteenth
 // session: the scalar staging held 24 values and addresses a thread and spilled them).
-// 1. (Q S)^T = S^T Q^T, KS rows of S and columns of Q a stage (a stage's loads all issued before
-//    the barrier, kept as loaded, converted into x_s after it); summed into registers;
+// 1. (Q S)^T = S^T Q^T, KS rows of S and columns of Q a stage, summed into registers; a stage's
+//    loads are all issued while the stage before is multiplied (kept as loaded, converted into x_s
+//    after the barrier), and P's and U's tiles while the last one is (U's tiles read one after
+//    another, each waited on, had held every SIMD group: ncu, eighteenth session);
 // 2. its columns (the chunk's rows) times e^gamma in the registers (fla scales its float q h the
 //    same way, after the product: no rounding of Q e^gamma or of Q S in between); P staged over the
-//    last stage, and U's tiles loaded into registers meanwhile (read from device memory one tile
-//    after another, each SIMD group waited on every load);
+//    last stage;
 // 3. + U^T P^T (P's 8x8 blocks up to the diagonal);
 // 4. the sums stored into o_s (O's layout, float) and written out in OutT: chunk-major, or (ROWS)
 //    straight into token rows, which saves the layout kernel's pass over o and a [T, HV, V] copy.
@@ -67,79 +68,89 @@ for (int i = 0; i < CT; ++i) {
   acc[i] = zero;
   acc2[i] = zero;
 }
-for (int k0 = 0; k0 < K; k0 += KS) {
-  const int ks = K - k0 < KS ? K - k0 : KS;  // a multiple of 8
-  gdn_vec8<ST> s_r[S_VECS];
-  gdn_vec8<QT> q_r[Q_VECS];
+constexpr int NS = (K + KS - 1) / KS;  // stages
+gdn_vec8<ST> s_r[S_VECS];
+gdn_vec8<QT> q_r[Q_VECS];
+gdn_vec8<PT> p_r[P_VECS];
+simdgroup_float8x8 ut[CT], ut2[CT];  // U^T's tiles (v0 .., 8 j ..) and (v0 + 8 .., 8 j ..)
+// iteration s: stage s's loads issued (in the last, P's and U's), stage s - 1 multiplied meanwhile,
+// stage s stored into x_s
+for (int s = 0; s <= NS; ++s) {
+  const int k0 = s * KS, ks = K - k0 < KS ? K - k0 : KS;  // a multiple of 8
+  if (s < NS) {
 #pragma unroll
-  for (int i = 0; i < S_VECS; ++i) {
-    const int e = (int)tid + i * THREADS;  // row e / (BV / 8), columns 8 (e % (BV / 8)) + 0..7
-    if (e < ks * BV / 8) {
-      s_r[i] = gdn_load_vec8(&states[(m * K + k0 + e / (BV / 8)) * V + vt + e % (BV / 8) * 8]);
+    for (int i = 0; i < S_VECS; ++i) {
+      const int e = (int)tid + i * THREADS;  // row e / (BV / 8), columns 8 (e % (BV / 8)) + 0..7
+      if (e < ks * BV / 8) {
+        s_r[i] = gdn_load_vec8(&states[(m * K + k0 + e / (BV / 8)) * V + vt + e % (BV / 8) * 8]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < Q_VECS; ++i) {
+      const int e = (int)tid + i * THREADS;  // row e / (KS / 8), columns 8 (e % (KS / 8)) + 0..7
+      if (e < C * KS / 8 && e % (KS / 8) * 8 < ks) {
+        q_r[i] = gdn_load_vec8(&q[(m * C + e / (KS / 8)) * K + k0 + e % (KS / 8) * 8]);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < P_VECS; ++i) {
+      const int e = (int)tid + i * THREADS;  // row e / (C / 8), columns 8 (e % (C / 8)) + 0..7
+      if (e < C * C / 8) {
+        p_r[i] = gdn_load_vec8(&P[m * C * C + e * 8]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < CT; ++j) {
+      const uint u_at = (m * C + j * 8) * V + vt + v0;
+      simdgroup_load_transposed(ut[j], &u[u_at], V);
+      simdgroup_load_transposed(ut2[j], &u[u_at + 8], V);
     }
   }
+  if (s > 0) {
+    const int kp = K - (k0 - KS) < KS ? K - (k0 - KS) : KS;  // the previous stage's rows
+    for (int kb = 0; kb < kp / 8; ++kb) {
+      simdgroup_float8x8 st, st2;  // S^T's tiles (v0 .., 8 kb ..) and (v0 + 8 .., 8 kb ..)
+      simdgroup_load_transposed(st, &x_s[kb * 8 * SST + v0], SST);
+      simdgroup_load_transposed(st2, &x_s[kb * 8 * SST + v0 + 8], SST);
 #pragma unroll
-  for (int i = 0; i < Q_VECS; ++i) {
-    const int e = (int)tid + i * THREADS;  // row e / (KS / 8), columns 8 (e % (KS / 8)) + 0..7
-    if (e < C * KS / 8 && e % (KS / 8) * 8 < ks) {
-      q_r[i] = gdn_load_vec8(&q[(m * C + e / (KS / 8)) * K + k0 + e % (KS / 8) * 8]);
-    }
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);  // the stage before is read
-#pragma unroll
-  for (int i = 0; i < S_VECS; ++i) {
-    const int e = (int)tid + i * THREADS;
-    if (e < ks * BV / 8) {
-      for (int j = 0; j < 8; ++j) {
-        x_s[e / (BV / 8) * SST + e % (BV / 8) * 8 + j] = s_r[i].get(j);
+      for (int i = 0; i < CT; ++i) {
+        simdgroup_float8x8 qt;  // Q^T's tile (8 kb .., 8 i ..)
+        simdgroup_load_transposed(qt, &x_s[QS + i * 8 * QST + kb * 8], QST);
+        simdgroup_multiply_accumulate_pair(acc[i], acc2[i], st, st2, qt);
       }
     }
   }
+  threadgroup_barrier(mem_flags::mem_threadgroup);  // the previous stage is read
+  if (s < NS) {
 #pragma unroll
-  for (int i = 0; i < Q_VECS; ++i) {
-    const int e = (int)tid + i * THREADS;
-    if (e < C * KS / 8 && e % (KS / 8) * 8 < ks) {
-      for (int j = 0; j < 8; ++j) {
-        x_s[QS + e / (KS / 8) * QST + e % (KS / 8) * 8 + j] = q_r[i].get(j);
+    for (int i = 0; i < S_VECS; ++i) {
+      const int e = (int)tid + i * THREADS;
+      if (e < ks * BV / 8) {
+        for (int j = 0; j < 8; ++j) {
+          x_s[e / (BV / 8) * SST + e % (BV / 8) * 8 + j] = s_r[i].get(j);
+        }
       }
     }
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  for (int kb = 0; kb < ks / 8; ++kb) {
-    simdgroup_float8x8 st, st2;  // S^T's tiles (v0 .., 8 kb ..) and (v0 + 8 .., 8 kb ..)
-    simdgroup_load_transposed(st, &x_s[kb * 8 * SST + v0], SST);
-    simdgroup_load_transposed(st2, &x_s[kb * 8 * SST + v0 + 8], SST);
 #pragma unroll
-    for (int i = 0; i < CT; ++i) {
-      simdgroup_float8x8 qt;  // Q^T's tile (8 kb .., 8 i ..)
-      simdgroup_load_transposed(qt, &x_s[QS + i * 8 * QST + kb * 8], QST);
-      simdgroup_multiply_accumulate_pair(acc[i], acc2[i], st, st2, qt);
+    for (int i = 0; i < Q_VECS; ++i) {
+      const int e = (int)tid + i * THREADS;
+      if (e < C * KS / 8 && e % (KS / 8) * 8 < ks) {
+        for (int j = 0; j < 8; ++j) {
+          x_s[QS + e / (KS / 8) * QST + e % (KS / 8) * 8 + j] = q_r[i].get(j);
+        }
+      }
     }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
   }
 }
 
-// 2. P's and U's loads issued; (Q S)^T's columns times e^gamma; P staged over the last stage
-gdn_vec8<PT> p_r[P_VECS];
-#pragma unroll
-for (int i = 0; i < P_VECS; ++i) {
-  const int e = (int)tid + i * THREADS;  // row e / (C / 8), columns 8 (e % (C / 8)) + 0..7
-  if (e < C * C / 8) {
-    p_r[i] = gdn_load_vec8(&P[m * C * C + e * 8]);
-  }
-}
-simdgroup_float8x8 ut[CT], ut2[CT];  // U^T's tiles (v0 .., 8 j ..) and (v0 + 8 .., 8 j ..)
-#pragma unroll
-for (int j = 0; j < CT; ++j) {
-  const uint u_at = (m * C + j * 8) * V + vt + v0;
-  simdgroup_load_transposed(ut[j], &u[u_at], V);
-  simdgroup_load_transposed(ut2[j], &u[u_at + 8], V);
-}
+// 2. (Q S)^T's columns times e^gamma; P staged over the last stage
 #pragma unroll
 for (int i = 0; i < CT; ++i) {
   simdgroup_scale_columns(acc[i], &eg_s[8 * i], lane);
   simdgroup_scale_columns(acc2[i], &eg_s[8 * i], lane);
 }
-threadgroup_barrier(mem_flags::mem_threadgroup);  // the last stage is read: P goes over it
 #pragma unroll
 for (int i = 0; i < P_VECS; ++i) {
   const int e = (int)tid + i * THREADS;

@@ -73,8 +73,9 @@ def test_cuda_resource_usage_compiles_every_chunk_kernel():
                               f"states:{bf16} u:{bf16} BF16_PRODUCTS=true KS=32 SST=132 QST=36 OST=132 PST=68 "
                               f"ROWS=true HV=32 {rows}"),
              ("chunk_grads", f"K=100 V=60 C=64 THREADS=256 KC=16 CS=68 TS=68 k:{bf16} v:{bf16} u:{bf16}"),
-             ("rows_to_chunks", "InT=float OutT=float D=100 HX=2 HV=4 C=64 L2NORM=true"),
-             ("rows_to_chunks", f"InT={bf16} OutT={bf16} x:{bf16} y:{bf16} D=128 HX=2 HV=4 C=64 L2NORM=false"),
+             ("rows_to_chunks", "InT=float OutT=float D=100 HX=2 HV=4 C=64 L2NORM=true RPS=4"),
+             ("rows_to_chunks", f"InT={bf16} OutT={bf16} x:{bf16} y:{bf16} D=128 HX=2 HV=4 C=64 L2NORM=true "
+                                "RPS=4"),
              ("chunks_to_rows", "OutT=float XT=float D=100 HX=2 HV=4 C=64 L2NORM=true"),
              ("chunks_to_rows", f"OutT={bf16} XT={bf16} y:{bf16} out:{bf16} D=128 HX=2 HV=4 C=64 L2NORM=false")]
     for name, template in cases:

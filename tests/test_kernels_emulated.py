@@ -403,6 +403,13 @@ def test_layout_kernels_match_ops(emulated, B, T, H, HV, D, C, cu_seqlens, l2nor
     check_layout(B, T, H, HV, D, C, cu_seqlens, l2norm, dtype)
 
 
+@pytest.mark.parametrize("case", [LAYOUT_CASES[0], LAYOUT_CASES[2]])  # 8-column loads; scalar ones
+def test_layout_kernel_rows_past_the_end(emulated, monkeypatch, case):
+    # 3 rows a SIMD group: the row count (a multiple of 16) leaves the last group rows past the end
+    monkeypatch.setattr(kernels, "LAYOUT_ROWS_PER_GROUP", 3)
+    check_layout(*case)
+
+
 OP_CASES = [
     # B, T, H, HV, D, mask_p, kwargs
     (2, 75, 2, 4, 32, 0.0, {}),

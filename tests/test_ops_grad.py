@@ -7,7 +7,7 @@ import pytest
 
 from mlx_gdn.layers.documents import Documents
 from mlx_gdn.layers.gated_deltanet import ShortConv
-from mlx_gdn.ops import chunk, gated_delta, gated_delta_rule
+from mlx_gdn.ops import chunk, gated_delta, gated_delta_rule, kernels
 from reference import assert_close, gated_delta_reference, make_inputs, rms_rel
 
 NAMES = ("q", "k", "v", "g", "beta", "initial_state")
@@ -179,6 +179,8 @@ def test_whole_op_compiled_matches_and_retraces_on_a_setting(monkeypatch):
     monkeypatch.setattr(chunk, "BACKWARD_BLOCK_TOKENS", 32)
     blocked = mlx_grads(data, "chunk", chunk_size=16)
     assert len(gated_delta._whole_op_fns) == 2
+    kernels.forget_kernels()  # a swapped kernel body must be traced anew (ab_settings)
+    assert not gated_delta._whole_op_fns and not chunk._compiled
     for n in NAMES:
         assert rms_rel(ref[n], got[n]) <= 1e-6, n
         assert rms_rel(ref[n], blocked[n]) <= 1e-5, n

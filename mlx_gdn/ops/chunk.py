@@ -131,6 +131,7 @@ def invert_unit_lower(A):
 COMPILE = os.environ.get("MLX_GDN_COMPILE", "1") != "0"
 COMPILE_ON_CPU = False  # the tests set it: the compiled functions checked without a GPU
 _compiled = {}
+kernels.forget_with_kernels.append(lambda: _compiled)
 
 
 def compiling():

@@ -198,6 +198,7 @@ class _Options:
 
 _chunked_fns = {}
 _whole_op_fns = {}
+kernels.forget_with_kernels.append(lambda: _whole_op_fns)
 
 
 def _settings(module):

@@ -130,10 +130,25 @@ def get_kernel(name, threads=None, bf16_products=False):
     return lambda **launch: _typed_kernel(key, launch["inputs"], launch["output_dtypes"])(**launch)
 
 
+# The caches of compiled functions that capture kernels when traced (gated_delta's whole op, chunk's
+# fused chains, as functions returning the dict): forget_kernels empties them. What they held is kept
+# alive, never freed: on CUDA, freeing a traced function (and the kernels it held) between two
+# timings aborted the process ("Resource deadlock avoided", eighteenth session).
+forget_with_kernels = []
+_retired = []
+
+
 def forget_kernels():
-    """Drop the kernels built so far (a benchmark swapping kernel bodies builds them anew)."""
+    """Drop the kernels built so far, and the compiled functions that captured them (a benchmark
+    swapping kernel bodies builds them anew: the whole op is compiled on a GPU, and until the
+    eighteenth session its trace kept running the first bodies it captured, so ab_settings' body
+    swaps timed one text twice)."""
+    _retired.extend([dict(_builders), dict(_compiled)])
     _builders.clear()
     _compiled.clear()
+    for cache in forget_with_kernels:
+        _retired.append(dict(cache()))
+        cache().clear()
 
 
 def _typed_kernel(key, inputs, output_dtypes):
@@ -549,7 +564,8 @@ def chunk_grads(q, k, v, do, u, du, du_h, dKt, dQg, Tinv, W, U, KKG, P, gamma, b
         output_dtypes=[mx.float32] * 5, **launch))
 
 
-LAYOUT_ROWS = 8  # rows_to_chunks / chunks_to_rows: rows (SIMD groups) per threadgroup
+LAYOUT_ROWS = 8  # rows_to_chunks / chunks_to_rows: SIMD groups per threadgroup
+LAYOUT_ROWS_PER_GROUP = 4  # rows_to_chunks: rows a SIMD group (their loads in flight together)
 
 
 def rows_to_chunks(x, src, heads, C, *, scale=1.0, l2norm=False, dtype=mx.float32):
@@ -558,12 +574,12 @@ def rows_to_chunks(x, src, heads, C, *, scale=1.0, l2norm=False, dtype=mx.float3
     times scale, L2-normalised first with l2norm. src: int32 [N * C]."""
     B, T, HX, D = x.shape
     NC = src.shape[0]
-    rows = NC * B * heads
+    groups = -(-NC * B * heads // LAYOUT_ROWS_PER_GROUP)
     return get_kernel("rows_to_chunks")(
         inputs=[x, src, mx.array([scale], dtype=mx.float32), mx.array([T, B, NC], dtype=mx.int32)],
         template=[("InT", x.dtype), ("OutT", dtype), ("D", D), ("HX", HX), ("HV", heads), ("C", C),
-                  ("L2NORM", l2norm)],
-        grid=(32 * rows, 1, 1), threadgroup=(32 * LAYOUT_ROWS, 1, 1),
+                  ("L2NORM", l2norm), ("RPS", LAYOUT_ROWS_PER_GROUP)],
+        grid=(32 * groups, 1, 1), threadgroup=(32 * LAYOUT_ROWS, 1, 1),
         output_shapes=[(NC // C * B, heads, C, D)], output_dtypes=[dtype])[0]
 
 
