@@ -25,6 +25,9 @@
 // is fetched into registers (as loaded: nothing waits on those loads for a stage), so one barrier a
 // stage suffices; an A stage's X tiles are loaded a stage ahead. A load the sequential path waits
 // for stalls every SIMD group (ncu: most of this kernel's time before these prefetches).
+// (Staged rows read 8 elements a load, gdn_load_vec8: 248 -> 176 registers, still one threadgroup
+// an SM, and the op's forward 1-4% slower at (8, 2048, 32) and (4, 4096, 16); H100, eighteenth
+// session. Not kept.)
 // Template: K, V, C, THREADS (a multiple of 32), CB (a multiple of 8 dividing C), REVERSE, HAS_Y,
 // AT and BT (the types of A and Bm), StateT (the type states and x_new are written in, as in
 // chunk_scan.metal), and the staged rows' strides AST (A, read transposed) and BST (B), each >= K
@@ -40,7 +43,7 @@ constexpr int CT = C / 8;                            // 8-column tiles of a chun
 constexpr int JT = CB / 8;                           // 8-row tiles of a stage
 constexpr int STAGES = C / CB;
 constexpr int ST = AST > BST ? AST : BST;
-constexpr int LPT = (CB * K / 8 + THREADS - 1) / THREADS;  // staged 8-element rows per thread
+constexpr int LPT = (CB * K + THREADS - 1) / THREADS;  // staged elements per thread
 constexpr int GPT = (C + THREADS - 1) / THREADS;       // gamma values per thread
 constexpr float SIGN = REVERSE ? 1.0f : -1.0f;
 threadgroup float m_s[2 * CB * ST];
@@ -62,10 +65,8 @@ for (int kb = 0; kb < KB; ++kb) {
   h[kb] = zero;
   h2[kb] = zero;
 }
-// the stage after next, as loaded (8 elements a load, gdn_load_vec8): converted and signed only
-// when stored, so that no instruction waits on the loads before the next stage (rows of A, or of B)
-gdn_vec8<AT> raw_a[LPT];
-gdn_vec8<BT> raw_b[LPT];
+AT raw_a[LPT];  // the stage after next, as loaded: converted and signed only when stored, so that
+BT raw_b[LPT];  // no instruction waits on the loads before the next stage (rows of A, or of B)
 float gam[GPT];  // and its chunk's gamma
 float glast = 0.0f;
 // the next stage's X tiles and (a chunk's first stage) restart flag, loaded a stage ahead: on the
@@ -98,14 +99,11 @@ for (int step = -1; step < N; ++step) {
       // last of the chunk before, or none)
       const int fs = (s + 1) % (2 * STAGES);
       const int stride = fs < STAGES ? AST : BST;
-#pragma unroll
       for (int p = 0; p < LPT; ++p) {
-        const int e = (int)tid + THREADS * p;  // row e / (K / 8), columns 8 (e % (K / 8)) + 0..7
-        if (e < CB * K / 8) {
-          for (int i = 0; i < 8; ++i) {
-            m_s[(s + 1) % 2 * CB * ST + e / (K / 8) * stride + e % (K / 8) * 8 + i] =
-                fs < STAGES ? SIGN * raw_a[p].get(i) : -SIGN * raw_b[p].get(i);
-          }
+        const int e = (int)tid + THREADS * p;
+        if (e < CB * K) {
+          m_s[(s + 1) % 2 * CB * ST + e / K * stride + e % K] =
+              fs < STAGES ? SIGN * static_cast<float>(raw_a[p]) : -SIGN * static_cast<float>(raw_b[p]);
         }
       }
       if (fs == 0) {
@@ -138,14 +136,13 @@ for (int step = -1; step < N; ++step) {
       const int fs = (s + 2) % (2 * STAGES), fstep = step + (s + 2) / (2 * STAGES);
       const int fn = REVERSE ? N - 1 - fstep : fstep;
       const uint base = ((uint)(fn * R + r) * C + fs % STAGES * CB) * K;
-#pragma unroll
       for (int p = 0; p < LPT; ++p) {
         const int e = (int)tid + THREADS * p;
-        if (e < CB * K / 8) {
+        if (e < CB * K) {
           if (fs < STAGES) {
-            raw_a[p] = gdn_load_vec8(&A[base + 8 * e]);
+            raw_a[p] = A[base + e];
           } else {
-            raw_b[p] = gdn_load_vec8(&Bm[base + 8 * e]);
+            raw_b[p] = Bm[base + e];
           }
         }
       }
