@@ -73,9 +73,10 @@ PADDED_STRIDES = {"cuda": True}  # threadgroup arrays padded against CUDA's shar
 # The resident scan takes 244-254 registers (one threadgroup of 256 an SM; 168-185 before its loads
 # were issued a stage ahead) and no bounds: held to 128 (two an SM, fourteenth session) its forward at
 # (8, 2048, 32) took 1.15 ms instead of 1.47, but the op at (4, 4096, 16) lost 8%.
-# chunk_output issues a stage's loads together (168 registers unbounded): held to 2 threadgroups
-# (128) the op's bf16 forward was 3-4% faster than with the earlier one load at a time (H100,
-# seventeenth session); held to 3 it spills and loses 40%.
+# chunk_output issues a stage's loads together (168 registers unbounded in the seventeenth session,
+# held to 2 threadgroups: 128 and spills; held to 3 it lost 40%). With 8-element loads and the next
+# stage's loads in flight during the products (eighteenth session) nvcc gives it 125 and no spills:
+# the bound (2) changes nothing there, but keeps NVRTC's count (up to ~18 more) from halving it.
 # chunk_pieces: 72 registers with its BF16 8x8 products (PIECES_MMA), 3 threadgroups an SM; held to
 # 4 (64 registers, no spills; the float-FMA build took 64 from NVRTC anyway) the op's forward was
 # 7-11% faster (H100, seventeenth session).
@@ -565,7 +566,9 @@ def chunk_grads(q, k, v, do, u, du, du_h, dKt, dQg, Tinv, W, U, KKG, P, gamma, b
 
 
 LAYOUT_ROWS = 8  # rows_to_chunks / chunks_to_rows: SIMD groups per threadgroup
-LAYOUT_ROWS_PER_GROUP = 4  # rows_to_chunks: rows a SIMD group (their loads in flight together)
+# rows_to_chunks: rows a SIMD group, their loads in flight together (H100, eighteenth session: the
+# op's forward 2-4% faster than with 1 at (8, 2048, 32) and (4, 4096, 16), level at (1, 8192, 16))
+LAYOUT_ROWS_PER_GROUP = 4
 
 
 def rows_to_chunks(x, src, heads, C, *, scale=1.0, l2norm=False, dtype=mx.float32):
