@@ -217,6 +217,25 @@ def _fla():
     return torch, ops
 
 
+def test_forward_reads_inputs_viewed_at_an_odd_offset():
+    # q, k, v as row-contiguous views one element into their buffers (not 16-byte aligned): the
+    # kernels' 8-element loads of them (rows_to_chunks; chunk_pieces reads v from its token rows)
+    # take the prelude's scalar path there, and the output must be the same as from fresh arrays
+    data = make_inputs(9, 2, 300, 2, 4, 128, mask_p=0.2, h0=True, unit_k=False)  # its h0 unused
+    xs = to_mx(data, mx.bfloat16)
+
+    def odd_view(x):
+        flat = mx.concatenate([mx.zeros((1,), dtype=x.dtype), x.reshape(-1)])
+        return flat[1:].reshape(x.shape)
+
+    views = {n: odd_view(xs[n]) for n in ("q", "k", "v")}
+    mx.eval(views)
+    run = lambda q, k, v: gated_delta_rule(q, k, v, xs["g"], xs["beta"], use_qk_l2norm_in_kernel=True,
+                                           mode="chunk")[0].astype(mx.float32)
+    fresh, viewed = run(xs["q"], xs["k"], xs["v"]), run(views["q"], views["k"], views["v"])
+    assert np.array_equal(np.array(fresh), np.array(viewed))
+
+
 @pytest.mark.parametrize("dtype,scan,wu", [("float32", "auto", "kernel"), ("bfloat16", "auto", "kernel"),
                                            ("bfloat16", "resident", "kernel"), ("bfloat16", "auto", "gemm")])
 def test_forward_matches_fla_chunk(monkeypatch, dtype, scan, wu):
