@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_gdn.ops import gated_delta_rule
+from mlx_gdn.ops import gated_delta_rule, kernels
 from reference import assert_close, gated_delta_reference, make_inputs, rms_rel
 
 FP32_TOL = 1e-5
@@ -201,3 +201,17 @@ def test_decay_matrix_against_float64(C, scale):
     want = np.where(np.tril(np.ones((C, C), bool)), np.exp(np.minimum(diff, 0.0)), 0.0)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-30)
+
+
+def test_zero_states_come_from_one_kept_buffer(monkeypatch):
+    # the absent initial state: the first n of one zero buffer per (heads, K, V), grown as needed;
+    # fresh zeros past ZERO_STATES_CACHED floats
+    monkeypatch.setattr(kernels, "_constants", {})
+    first, fewer, more = (kernels.zero_states(n, 2, 4, 8) for n in (3, 2, 5))
+    for x, n in ((first, 3), (fewer, 2), (more, 5)):
+        assert x.shape == (n, 2, 4, 8) and x.dtype == mx.float32 and not np.any(np.array(x))
+    assert kernels._constants[("zero states", 2, 4, 8)].shape[0] == 5
+    monkeypatch.setattr(kernels, "ZERO_STATES_CACHED", 100)
+    big = kernels.zero_states(6, 2, 4, 8)
+    assert big.shape == (6, 2, 4, 8) and not np.any(np.array(big))
+    assert kernels._constants[("zero states", 2, 4, 8)].shape[0] == 5  # not kept

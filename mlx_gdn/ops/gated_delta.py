@@ -155,7 +155,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
                        use_gate_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval,
                        A_log is not None, dt_bias is not None, bool(keep_chunk_pieces))
     if initial_state is None:
-        h0 = mx.zeros((len(seqs), HV, K, V), dtype=mx.float32)
+        h0 = kernels.zero_states(len(seqs), HV, K, V)
     else:
         h0 = initial_state.astype(mx.float32)
         if state_v_first:

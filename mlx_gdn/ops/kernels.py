@@ -621,6 +621,24 @@ def zeros(n):
     return constant(("zeros", n), lambda: mx.zeros((n,)))
 
 
+ZERO_STATES_CACHED = 1 << 24  # floats (64 MB): the largest zero state kept between calls
+
+
+def zero_states(n, heads, K, V):
+    """float32 zeros [n, heads, K, V], the absent initial state: the first n of one buffer kept for
+    (heads, K, V) and grown to the largest n asked (a slice along the first axis is a view: no
+    copy), instead of filling n K V floats every call (H100, (8, 2048, 32, 128): a 23-40 us kernel
+    of the forward's ~2.2 ms). Fresh zeros past ZERO_STATES_CACHED floats."""
+    if n * heads * K * V > ZERO_STATES_CACHED:
+        return mx.zeros((n, heads, K, V))
+    key = ("zero states", heads, K, V)
+    if key not in _constants or _constants[key].shape[0] < n:
+        _constants.pop(key, None)
+        constant(key, lambda: mx.zeros((n, heads, K, V)))
+    kept = _constants[key]
+    return kept if kept.shape[0] == n else kept[:n]
+
+
 def _scalar(value):
     return constant(("scalar", float(value)), lambda: mx.array([value], dtype=mx.float32))
 
