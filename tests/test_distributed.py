@@ -60,7 +60,8 @@ def test_two_ranks_match_one_process(tmp_path):
     assert (tmp_path / "two" / "log.jsonl").exists(), (
         "the two-rank run wrote no log:\n" + two.stdout[-3000:] + two.stderr[-3000:])
     losses = [[json.loads(line)["loss"] for line in open(tmp_path / run / "log.jsonl")] for run in ("one", "two")]
-    assert len(losses[0]) == len(losses[1]) == 6
+    # (once, 2026-11-27, in a full suite run: the two-rank log empty, exit 0; 8 runs alone passed)
+    assert len(losses[0]) == len(losses[1]) == 6, two.stdout[-3000:] + two.stderr[-3000:]
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
     a, b = ({k: np.array(v) for k, v in tree_flatten(load_model(tmp_path / run / "model").parameters())}
             for run in ("one", "two"))
