@@ -632,10 +632,9 @@ def zero_states(n, heads, K, V):
     if n * heads * K * V > ZERO_STATES_CACHED:
         return mx.zeros((n, heads, K, V))
     key = ("zero states", heads, K, V)
-    if key not in _constants or _constants[key].shape[0] < n:
-        _constants.pop(key, None)
-        constant(key, lambda: mx.zeros((n, heads, K, V)))
-    kept = _constants[key]
+    if key in _constants and _constants[key].shape[0] < n:
+        del _constants[key]  # grown below
+    kept = constant(key, lambda: mx.zeros((n, heads, K, V)))
     return kept if kept.shape[0] == n else kept[:n]
 
 
