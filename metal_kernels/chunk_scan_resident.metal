@@ -27,7 +27,10 @@
 // for stalls every SIMD group (ncu: most of this kernel's time before these prefetches).
 // (Staged rows read 8 elements a load, gdn_load_vec8: 248 -> 176 registers, still one threadgroup
 // an SM, and the op's forward 1-4% slower at (8, 2048, 32) and (4, 4096, 16); H100, eighteenth
-// session. Not kept.)
+// session. Not kept.) Device addresses are a pointer per stage, tile row or state plus constant
+// offsets, not 32-bit indices: an unsigned index wraps, so the compiler could fold none of the offsets
+// and spent an IMAD/LEA pair on every element (nvdisasm: 3144 -> 2040 instructions a chunk forward,
+// 248 -> 199 registers; H100 op forward 1-3% faster, nineteenth session).
 // Template: K, V, C, THREADS (a multiple of 32), CB (a multiple of 8 dividing C), REVERSE, HAS_Y,
 // AT and BT (the types of A and Bm), StateT (the type states and x_new are written in, as in
 // chunk_scan.metal), and the staged rows' strides AST (A, read transposed) and BST (B), each >= K
@@ -45,6 +48,7 @@ constexpr int STAGES = C / CB;
 constexpr int ST = AST > BST ? AST : BST;
 constexpr int LPT = (CB * K + THREADS - 1) / THREADS;  // staged elements per thread
 constexpr int GPT = (C + THREADS - 1) / THREADS;       // gamma values per thread
+constexpr bool FULL = CB * K % THREADS == 0;          // every thread stages LPT elements
 constexpr float SIGN = REVERSE ? 1.0f : -1.0f;
 threadgroup float m_s[2 * CB * ST];
 threadgroup float d_s[(CT + 1) * 64];  // diag(tail) of each 8-row tile, then decay I
@@ -101,8 +105,10 @@ for (int step = -1; step < N; ++step) {
       const int stride = fs < STAGES ? AST : BST;
       for (int p = 0; p < LPT; ++p) {
         const int e = (int)tid + THREADS * p;
-        if (e < CB * K) {
-          m_s[(s + 1) % 2 * CB * ST + e / K * stride + e % K] =
+        const int row = THREADS % K == 0 ? (int)tid / K + p * (THREADS / K) : e / K;
+        const int col = THREADS % K == 0 ? (int)tid % K : e % K;
+        if (FULL || e < CB * K) {
+          m_s[(s + 1) % 2 * CB * ST + row * stride + col] =
               fs < STAGES ? SIGN * static_cast<float>(raw_a[p]) : -SIGN * static_cast<float>(raw_b[p]);
         }
       }
@@ -119,12 +125,11 @@ for (int step = -1; step < N; ++step) {
       }
       if (fs < STAGES) {  // an A stage next: its X tiles (and restart flag)
         const int nn = fs == 0 ? (REVERSE ? n - 1 : n + 1) : n;
-        const int jc0 = fs * JT;
+        const auto x_at = X + (((uint)(nn * R + r)) * C + fs * CB) * V + v0;
 #pragma unroll
         for (int j = 0; j < JT; ++j) {
-          const uint xo = (((uint)(nn * R + r)) * C + (jc0 + j) * 8) * V + v0;
-          simdgroup_load_transposed(xn[j], &X[xo], V);
-          simdgroup_load_transposed(xn2[j], &X[xo + 8], V);
+          simdgroup_load_transposed(xn[j], x_at + j * 8 * V, V);
+          simdgroup_load_transposed(xn2[j], x_at + j * 8 * V + 8, V);
         }
         if (fs == 0) {
           start_next = seg_start[nn];
@@ -135,14 +140,15 @@ for (int step = -1; step < N; ++step) {
       // stage q + 2 into registers: rows of A or of B, with a chunk's first stage its gamma
       const int fs = (s + 2) % (2 * STAGES), fstep = step + (s + 2) / (2 * STAGES);
       const int fn = REVERSE ? N - 1 - fstep : fstep;
-      const uint base = ((uint)(fn * R + r) * C + fs % STAGES * CB) * K;
+      const uint base = ((uint)(fn * R + r) * C + fs % STAGES * CB) * K + tid;
+      const auto a_at = A + base;
+      const auto b_at = Bm + base;
       for (int p = 0; p < LPT; ++p) {
-        const int e = (int)tid + THREADS * p;
-        if (e < CB * K) {
+        if (FULL || (int)tid + THREADS * p < CB * K) {
           if (fs < STAGES) {
-            raw_a[p] = A[base + e];
+            raw_a[p] = a_at[THREADS * p];
           } else {
-            raw_b[p] = Bm[base + e];
+            raw_b[p] = b_at[THREADS * p];
           }
         }
       }
@@ -162,18 +168,18 @@ for (int step = -1; step < N; ++step) {
     if (s < STAGES) {
       if (s == 0) {  // the chunk's entering state: restarted from h_in, written to states
         if (start_next >= 0) {
+          const auto h_at = h_in + (uint)(start_next * R + r) * K * V + v0;
 #pragma unroll
           for (int kb = 0; kb < KB; ++kb) {
-            const uint at = ((uint)(start_next * R + r) * K + kb * 8) * V + v0;
-            simdgroup_load_transposed(h[kb], &h_in[at], V);
-            simdgroup_load_transposed(h2[kb], &h_in[at + 8], V);
+            simdgroup_load_transposed(h[kb], h_at + kb * 8 * V, V);
+            simdgroup_load_transposed(h2[kb], h_at + kb * 8 * V + 8, V);
           }
         }
+        const auto states_at = states + nr * K * V + v0;
 #pragma unroll
         for (int kb = 0; kb < KB; ++kb) {
-          const uint at = (nr * K + kb * 8) * V + v0;
-          simdgroup_store_transposed(h[kb], &states[at], V);
-          simdgroup_store_transposed(h2[kb], &states[at + 8], V);
+          simdgroup_store_transposed(h[kb], states_at + kb * 8 * V, V);
+          simdgroup_store_transposed(h2[kb], states_at + kb * 8 * V + 8, V);
         }
       }
       // P^T for the stage's JT tiles of 8 rows, h^T's k blocks outermost (each multiplies JT times)
@@ -186,21 +192,22 @@ for (int step = -1; step < N; ++step) {
           simdgroup_multiply_accumulate_pair(acc[j], acc2[j], h[kb], h2[kb], at);
         }
       }
+      const auto x_new_at = x_new + nr * C * V + v0;
 #pragma unroll
       for (int j = 0; j < JT; ++j) {
         const int jc = s * JT + j;  // the tile's place in the chunk
-        const uint xo = (nr * C + jc * 8) * V + v0;
+        const auto xo = x_new_at + jc * 8 * V;
         simdgroup_float8x8 dm;
         simdgroup_load(dm, &d_s[jc * 64], 8);
         if (REVERSE) {
           simdgroup_multiply_accumulate_pair(xc[j], xc2[j], acc[j], acc2[j], dm);
-          simdgroup_store_transposed(xc[j], &x_new[xo], V);
-          simdgroup_store_transposed(xc2[j], &x_new[xo + 8], V);
+          simdgroup_store_transposed(xc[j], xo, V);
+          simdgroup_store_transposed(xc2[j], xo + 8, V);
           xs[jc] = xc[j];
           xs2[jc] = xc2[j];
         } else {
-          simdgroup_store_transposed(acc[j], &x_new[xo], V);
-          simdgroup_store_transposed(acc2[j], &x_new[xo + 8], V);
+          simdgroup_store_transposed(acc[j], xo, V);
+          simdgroup_store_transposed(acc2[j], xo + 8, V);
           xs[jc] = zero;
           xs2[jc] = zero;
           simdgroup_multiply_accumulate_pair(xs[jc], xs2[jc], acc[j], acc2[j], dm);
@@ -213,9 +220,9 @@ for (int step = -1; step < N; ++step) {
         for (int kb = 0; kb < KB; ++kb) {
           simdgroup_float8x8 y = zero, y2 = zero;
           if (HAS_Y) {
-            const uint at = (nr * K + kb * 8) * V + v0;
-            simdgroup_load_transposed(y, &Y[at], V);
-            simdgroup_load_transposed(y2, &Y[at + 8], V);
+            const auto y_at = Y + (nr * K + kb * 8) * V + v0;
+            simdgroup_load_transposed(y, y_at, V);
+            simdgroup_load_transposed(y2, y_at + 8, V);
           }
           simdgroup_multiply_accumulate_pair(y, y2, h[kb], h2[kb], dm);
           h[kb] = y;
@@ -235,11 +242,11 @@ for (int step = -1; step < N; ++step) {
         }
       }
       if (end_at >= 0) {
+        const auto h_at = h_out + (uint)(end_at * R + r) * K * V + v0;
 #pragma unroll
         for (int kb = 0; kb < KB; ++kb) {
-          const uint at = ((uint)(end_at * R + r) * K + kb * 8) * V + v0;
-          simdgroup_store_transposed(h[kb], &h_out[at], V);
-          simdgroup_store_transposed(h2[kb], &h_out[at + 8], V);
+          simdgroup_store_transposed(h[kb], h_at + kb * 8 * V, V);
+          simdgroup_store_transposed(h2[kb], h_at + kb * 8 * V + 8, V);
         }
       }
     }
