@@ -8,6 +8,7 @@
 //   built by make_float4(x, y, z, w) (CUDA's own; defined below for Metal);
 //   simd_sum(float), called by all 32 lanes of a SIMD group; exp, log, rsqrt on float;
 //   static_cast between float and the input type (float, bfloat16_t, half); int/uint arithmetic;
+//   `const auto p = buffer + offset;` (a pointer into a buffer, its address space deduced);
 //   simdgroup_float8x8 with make_filled_simdgroup_matrix<float, 8, 8>(v),
 //   simdgroup_load(m, threadgroup pointer, row stride), simdgroup_store(m, pointer, row stride) and
 //   simdgroup_load_transposed / simdgroup_store_transposed(m, pointer, row stride) (the transpose of
