@@ -11,9 +11,15 @@ SM has 65,536 registers and 228 KB of shared memory).
 The kernel's launch bounds are those kernels.CUDA_MIN_THREADGROUPS gives it (THREADS threads);
 MIN_THREADGROUPS=N sets them instead (0: none); BF16_PRODUCTS=true compiles the BF16 multiply
 mode (kernels.get_kernel's bf16_products). Buffers are float (int for indices) unless typed as
-NAME:TYPE, e.g. k:__nv_bfloat16 (the type MLX passes a bfloat16 array as).
+NAME:TYPE, e.g. k:__nv_bfloat16 (the type MLX passes a bfloat16 array as). --sass also counts the
+kernel's SASS instructions by opcode (nvdisasm: `pip install nvidia-cuda-nvdisasm`); a fully unrolled
+loop's count is its count a step (the resident scan's static count matched ncu's executed
+instructions a chunk, nineteenth session).
 """
 
+import collections
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,17 +57,44 @@ def cuda_source(name, template, types=()):
             f"{metal_kernels.source(name)}\n}}\n")
 
 
+def _nvdisasm():
+    """nvdisasm on PATH, or from the pip package nvidia-cuda-nvdisasm; None without either."""
+    found = shutil.which("nvdisasm")
+    if found:
+        return found
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    return next((str(p) for root in nvidia.__path__ for p in Path(root).glob("*/bin/nvdisasm")), None)
+
+
+def sass_counts(cubin):
+    """Instructions of the compiled kernel by opcode (static: an unrolled loop counts each copy)."""
+    tool = _nvdisasm()
+    if tool is None:
+        raise SystemExit("--sass needs nvdisasm: pip install nvidia-cuda-nvdisasm")
+    sass = subprocess.run([tool, "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    ops = re.findall(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass, re.M)
+    return collections.Counter(ops)
+
+
 def main():
-    name = sys.argv[1]
-    template = dict(a.split("=", 1) for a in sys.argv[2:] if "=" in a)
-    types = dict(a.split(":", 1) for a in sys.argv[2:] if "=" not in a)
+    args = [a for a in sys.argv[1:] if a != "--sass"]
+    name = args[0]
+    template = dict(a.split("=", 1) for a in args[1:] if "=" in a)
+    types = dict(a.split(":", 1) for a in args[1:] if "=" not in a)
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / f"{name}.cu"
+        src, out = Path(tmp) / f"{name}.cu", Path(tmp) / "k.cubin"
         src.write_text(cuda_source(name, template, types))
         proc = subprocess.run(["nvcc", "-arch=sm_90", "-O3", "--resource-usage", "-diag-suppress", "177",
-                               "-c", str(src), "-o", str(Path(tmp) / "k.o")], capture_output=True, text=True)
-    print("\n".join(line for line in (proc.stdout + proc.stderr).splitlines()
-                    if "registers" in line or "spill" in line or "error" in line))
+                               "-cubin", str(src), "-o", str(out)], capture_output=True, text=True)
+        print("\n".join(line for line in (proc.stdout + proc.stderr).splitlines()
+                        if "registers" in line or "spill" in line or "error" in line))
+        if proc.returncode == 0 and "--sass" in sys.argv:
+            ops = sass_counts(out)
+            print(f"{sum(ops.values())} SASS instructions:",
+                  ", ".join(f"{op} {n}" for op, n in ops.most_common(16)))
     sys.exit(proc.returncode)
 
 

@@ -22,9 +22,10 @@ time_mlx = functools.partial(time_each, pipelined=True)
 from mlx_gdn.ops import chunk, gated_delta, kernels
 
 
-# (kernel, value columns, threads); the resident scan's are its own (kernels.RESIDENT_SCAN_GROUPS)
+# (kernel, value columns, threads); the resident scan's are its own (kernels.RESIDENT_SCAN_GROUPS,
+# by direction: named "resident_own")
 SCAN_CONFIGS = [("mma", 16, 512), ("mma", 16, 256), ("simt", 16, 512), ("simt", 16, 256),
-                ("resident", 128, 256)]
+                ("resident", None, None)]
 BF16 = True  # the inputs are bfloat16, so the op passes the scans bf16_products
 
 
@@ -77,7 +78,7 @@ def parts(B, T, H, K, V, C=64):
     for kernel, tile, threads in SCAN_CONFIGS:
         kernels.SCAN_KERNEL, kernels.SCAN_TILE = kernel, tile
         kernels.SCAN_THREADS = kernels.MMA_SCAN_THREADS = threads
-        name = f"{kernel}_{tile}x{threads}"
+        name = f"{kernel}_{tile}x{threads}" if tile else f"{kernel}_own"
         out[f"scan_fwd_{name}_ms"] = guarded(lambda: time_mlx(
             lambda: kernels.scan_forward(pc.W, pc.U, ck, pc.gamma, h0, seg, BF16)))
         out[f"scan_bwd_{name}_ms"] = guarded(lambda: time_mlx(lambda: kernels.scan_backward(

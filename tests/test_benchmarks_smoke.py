@@ -159,3 +159,22 @@ def test_sdpa_stand_in_for_flash_attn_matches_a_windowed_softmax(T, window):
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     expected = np.einsum("bhij,bjhd->bihd", weights / weights.sum(-1, keepdims=True), vr)
     np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit, no GPU)")
+def test_cuda_resource_usage_counts_the_resident_scans_products():
+    # --sass: the forward resident scan's chunk, fully unrolled, has K/8 x C/8 16x8x8 products for
+    # x = X - A h (each 8-row tile of the chunk times each 8-row block of h^T), C/8 for x' = x tail,
+    # K/8 for decay h and K/8 x C/8 for the update: 128 + 8 + 16 + 128 at K = 128, C = 64; no spills
+    import cuda_resource_usage
+    if cuda_resource_usage._nvdisasm() is None:
+        pytest.skip("needs nvdisasm (pip install nvidia-cuda-nvdisasm)")
+    bf16 = "__nv_bfloat16"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cuda_resource_usage.py"), "--sass",
+                          "chunk_scan_resident", *f"K=128 V=128 C=64 THREADS=256 CB=32 AST=136 BST=132 "
+                          f"REVERSE=false HAS_Y=false Bm:{bf16} A:{bf16} AT={bf16} BT={bf16} X:{bf16} "
+                          f"BF16_PRODUCTS=true StateT={bf16} states:{bf16} x_new:{bf16}".split()],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    counts = dict(item.split() for item in run.stdout.split("SASS instructions:")[1].split(", "))
+    assert int(counts["HMMA"]) == 280 and "0 bytes spill stores" in run.stdout, run.stdout

@@ -110,7 +110,7 @@ def spy_kernels(monkeypatch):
 def resident_scan_config(monkeypatch, groups, limit, padded):
     """The resident scan forced, with its SIMD groups, threadgroup memory and padding for the emulator."""
     monkeypatch.setattr(kernels, "SCAN_KERNEL", "resident")
-    monkeypatch.setattr(kernels, "RESIDENT_SCAN_GROUPS", groups)
+    monkeypatch.setattr(kernels, "RESIDENT_SCAN_GROUPS", {"forward": groups, "reverse": groups})
     monkeypatch.setitem(kernels.THREADGROUP_BYTES, "emulated", limit)
     monkeypatch.setitem(kernels.PADDED_STRIDES, "emulated", padded)
 
@@ -139,7 +139,7 @@ def auto_bf16_on_emulator(monkeypatch):
     products, the resident scan from 4 SIMD groups in all, 2 a threadgroup (V = 32 fills one)."""
     monkeypatch.setattr(kernels, "BF16_PRODUCT_BACKENDS", {"emulated"})
     monkeypatch.setattr(kernels, "RESIDENT_MIN_GROUPS", 4)
-    monkeypatch.setattr(kernels, "RESIDENT_SCAN_GROUPS", 2)
+    monkeypatch.setattr(kernels, "RESIDENT_SCAN_GROUPS", {"forward": 2, "reverse": 2})
 
 
 @pytest.mark.parametrize("dtype,rows", [(mx.bfloat16, "one"), (mx.float32, "one"), (mx.bfloat16, "packed"),

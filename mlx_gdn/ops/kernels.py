@@ -56,7 +56,13 @@ THREADGROUP_BYTES = {"metal": 32768, "cuda": 49152}  # Metal's limit; CUDA's for
 # (8, 2048, 32)), with BF16 products 2.6 and 2.9.
 SCAN_KERNEL = "auto"
 MMA_SCAN_THREADS = 512
-RESIDENT_SCAN_GROUPS = 8  # SIMD groups (16 value columns each) a threadgroup, at most
+# SIMD groups (16 value columns each) a threadgroup, at most, by direction. H100, nineteenth session,
+# op at (4, 4096, 16) (64 rows: 64 threadgroups of 8 on 132 SMs, 128 of 4): forward 1.30-1.33 ms with
+# 4 against 1.41-1.43 with 8; forward + backward with 4 in both directions 6.75-6.82 against
+# 6.67-6.72, with 4 forward only 6.86-6.90 against 6.72-6.86 (the backward's kernels unchanged: a
+# spread between calls, not explained); (8, 2048, 32) the same either way. (At 248 registers, before
+# the scan's pointer bases, 4 was slower forward too, eighteenth session.)
+RESIDENT_SCAN_GROUPS = {"forward": 4, "reverse": 8}
 RESIDENT_STAGED_PER_THREAD = 32  # staged floats a thread holds ahead, at most (registers)
 BF16_PRODUCT_BACKENDS = {"cuda"}  # where "auto" lets 8x8 products round bfloat16 inputs' factors
 # H100, bf16 inputs, the op's compiled forward + backward (ms), resident against SIMT: (4, 4096, 16)
@@ -70,9 +76,10 @@ PADDED_STRIDES = {"cuda": True}  # threadgroup arrays padded against CUDA's shar
 # mx.fast.cuda_kernel writes no attributes, so the header redefines __global__ for that kernel.
 # ptxas alone gives chunk_grads 128 registers (2 threadgroups of 256 an SM), the scans 87-105; the
 # 8x8 scan needs its 512 threads held to 128 registers (nvcc gives it 127-134), or it cannot launch.
-# The resident scan takes 244-254 registers (one threadgroup of 256 an SM; 168-185 before its loads
+# The resident scan took 244-254 registers (one threadgroup of 256 an SM; 168-185 before its loads
 # were issued a stage ahead) and no bounds: held to 128 (two an SM, fourteenth session) its forward at
-# (8, 2048, 32) took 1.15 ms instead of 1.47, but the op at (4, 4096, 16) lost 8%.
+# (8, 2048, 32) took 1.15 ms instead of 1.47, but the op at (4, 4096, 16) lost 8%. With pointer bases
+# (nineteenth session) 199 (reverse 225) at 8 SIMD groups, 230 at 4 (two threadgroups of 128 an SM).
 # chunk_output issues a stage's loads together (168 registers unbounded in the seventeenth session,
 # held to 2 threadgroups: 128 and spills; held to 3 it lost 40%). With 8-element loads and the next
 # stage's loads in flight during the products (eighteenth session) nvcc gives it 125 and no spills:
@@ -261,15 +268,14 @@ def _mma_scan_config(K, C, threads, limit, padded):
     raise ValueError(f"chunk_scan_mma: K = {K} does not fit {limit} bytes of threadgroup memory")
 
 
-def _resident_scan_config(K, C, V, limit, padded):
+def _resident_scan_config(K, C, V, limit, padded, groups):
     """chunk_scan_resident.metal's (threads, value columns, template values), or None where it does
     not apply (K not a multiple of 8, V of 16, or no stage fits): the most SIMD groups up to
-    RESIDENT_SCAN_GROUPS that divide V's 16-column blocks, then the most rows a stage that fit
+    `groups` that divide V's 16-column blocks, then the most rows a stage that fit
     `limit` bytes (two stages and the diagonals) and RESIDENT_STAGED_PER_THREAD (or else the
     fewest). Padded strides: the A rows, read transposed, two lanes a bank; the B rows one."""
     if K % 8 or V % 16:
         return None
-    groups = RESIDENT_SCAN_GROUPS
     while (V // 16) % groups:
         groups //= 2
     threads = 32 * groups
@@ -289,16 +295,17 @@ def _auto_bf16(bf16_products):
     return bf16_products and backend() in BF16_PRODUCT_BACKENDS
 
 
-def _resident_scan_choice(R, C, K, V, bf16_products):
+def _resident_scan_choice(R, C, K, V, bf16_products, reverse=False):
     """_resident_scan_config's values where SCAN_KERNEL takes the resident scan for R rows (batch x
     value heads), else None. "auto" takes it only with RESIDENT_SCAN_GROUPS SIMD groups a
-    threadgroup, i.e. V a multiple of their columns (the configuration measured): V = 400
+    threadgroup (of the scan's direction), i.e. V a multiple of their columns (the configuration measured): V = 400
     (gdn-1.3b) would give one, each thread staging 50 values, and ptxas spills (255 registers;
     fifteenth session)."""
+    groups = RESIDENT_SCAN_GROUPS["reverse" if reverse else "forward"]
     wanted = SCAN_KERNEL == "resident" or (
-        SCAN_KERNEL == "auto" and _auto_bf16(bf16_products) and V % (16 * RESIDENT_SCAN_GROUPS) == 0
+        SCAN_KERNEL == "auto" and _auto_bf16(bf16_products) and V % (16 * groups) == 0
         and R * V // 16 >= RESIDENT_MIN_GROUPS)
-    return _resident_scan_config(K, C, V, *_threadgroup_memory()) if wanted else None
+    return _resident_scan_config(K, C, V, *_threadgroup_memory(), groups) if wanted else None
 
 
 def _scan(A, X, Bm, Y, gamma, h_in, segments, reverse, bf16_products, state_dtype=mx.float32):
@@ -313,7 +320,7 @@ def _scan(A, X, Bm, Y, gamma, h_in, segments, reverse, bf16_products, state_dtyp
     N, R = NB // B, B * HV
     # more staged rows a step where the runner allows (fewer barriers)
     limit, padded = _threadgroup_memory()
-    in_registers = _resident_scan_choice(R, C, K, V, bf16_products)
+    in_registers = _resident_scan_choice(R, C, K, V, bf16_products, reverse)
     if in_registers:
         name, (threads, tile, extra) = "chunk_scan_resident", in_registers
         extra += (("AT", A.dtype), ("BT", Bm.dtype))
