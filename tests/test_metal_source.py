@@ -106,6 +106,7 @@ PROBE = dict(name="probe", input_names=["x", "small"], output_names=["out"],
     # device memory through a thread pointer
     ("float* p = out; p[0] = 1.0f;", "cannot initialize a variable of type 'float *'"),
     ("out[0] = gdn_undefined(x[0]);", "use of undeclared identifier 'gdn_undefined'"),
+    ("double d = 1.0; out[0] = d;", "unknown type name 'metal_has_no_double'"),  # no double in Metal
 ])
 def test_metal_check_rejects_what_metal_rejects(body, error):
     ok = ("threadgroup float s[N];\nconst uint i = thread_position_in_grid.x;\n"
@@ -113,7 +114,7 @@ def test_metal_check_rejects_what_metal_rejects(body, error):
           "if (FLAG) { out[i] = s[(i + 1) % N]; }\n")
     make = lambda b: kernel_source(PROBE["name"], PROBE["input_names"], PROBE["output_names"], b,
                                    metal_kernels.prelude("metal"), PROBE["inputs"], PROBE["output_dtypes"],
-                                   PROBE["template"])[0]
+                                   PROBE["template"])
     assert clang_errors(make(ok)) == []
     errors = clang_errors(make(ok + body))
     assert errors and error in errors[0], errors

@@ -43,7 +43,7 @@ def _template_value(value):
 
 
 def kernel_source(name, input_names, output_names, body, header, inputs, output_dtypes, template):
-    """The text mx.fast.metal_kernel compiles for this launch; the kernel's name second."""
+    """The text mx.fast.metal_kernel compiles for this launch."""
     values = [_template_value(v) for _, v in template]
     kernel_name = f"custom_kernel_{name}"
     if template:  # MLX: "<a, b>" with "<", ">" and ", " made "_", the last dropped
@@ -71,7 +71,7 @@ def kernel_source(name, input_names, output_names, body, header, inputs, output_
     if template:
         instance = f"{kernel_name}<{', '.join(values)}>"
         text += f'\ntemplate [[host_name("{kernel_name}")]] [[kernel]] decltype({instance}) {instance};\n'
-    return text, kernel_name
+    return text
 
 
 def clang_errors(text):
@@ -104,7 +104,7 @@ class MetalCheckedKernel(EmulatedKernel):
 
     def __call__(self, inputs, output_shapes, output_dtypes, grid, threadgroup, template=(), **launch):
         inputs = [x if isinstance(x, mx.array) else mx.array(x) for x in inputs]
-        text, _ = kernel_source(self.name, self.input_names, self.output_names, self.source,
+        text = kernel_source(self.name, self.input_names, self.output_names, self.source,
                                 metal_kernels.prelude("metal"), inputs, output_dtypes, template)
         if text not in checked.get(self.name, ()):
             errors = clang_errors(text)
