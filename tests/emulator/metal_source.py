@@ -4,7 +4,8 @@ each input `const device T*` or, under 8 elements, `const constant T*`, outputs 
 Metal attributes the body names, the explicit instantiation), then parsed by clang (libclang) against
 metal_mock.h, a stand-in for the Metal standard library as the MSL specification declares it.
 Type and overload errors (address spaces, a float matrix loaded from bfloat16 memory, a helper
-the prelude lacks, a template value that does not fit) fail here as they would in Metal's compiler;
+the prelude lacks, a template value that does not fit) fail here as they would in Metal's compiler,
+and so do threadgroup arrays over Metal's 32 KB at the launch's template values;
 what only the GPU decides (codegen, limits, speed) is not checked.
 
     kernel = MetalCheckedKernel(name, input_names, output_names, source)   # as EmulatedKernel
@@ -23,6 +24,7 @@ from emulator import HERE, EmulatedKernel
 MLX_TYPES = {mx.float32: "float", mx.float16: "float16_t", mx.bfloat16: "bfloat16_t", mx.int32: "int32_t",
              mx.uint32: "uint32_t", mx.bool_: "bool"}
 CONSTANT_BELOW = 8  # MLX passes inputs of fewer elements in the constant address space
+THREADGROUP_LIMIT = 32768  # bytes of threadgroup memory a Metal kernel may declare
 # MLX's Metal attributes: each is a kernel argument where the body's text contains its name
 ATTRIBUTES = {"dispatch_quadgroups_per_threadgroup": "uint", "dispatch_simdgroups_per_threadgroup": "uint",
               "dispatch_threads_per_threadgroup": "uint3", "grid_origin": "uint3", "grid_size": "uint3",
@@ -80,7 +82,14 @@ def clang_errors(text):
     import clang.cindex
 
     # what clang cannot take as Metal does: kernel-scope threadgroup variables (static here), and
-    # attributes on an explicit instantiation (Metal's host_name)
+    # attributes on an explicit instantiation (Metal's host_name); after the last threadgroup
+    # declaration, Metal's limit on their total, checked at the instantiation's template values
+    declared = list(re.finditer(r"(?m)^(\s*)threadgroup\s+\w+\s+(\w+)\s*\[.*?;.*$", text))
+    if declared:
+        total = " + ".join(f"sizeof({d.group(2)})" for d in declared)
+        at = declared[-1].end()
+        text = (text[:at] + f'\nstatic_assert({total} <= {THREADGROUP_LIMIT}, "threadgroup memory over '
+                f'Metal\'s {THREADGROUP_LIMIT} bytes");' + text[at:])
     text = re.sub(r"(?m)^(\s*)threadgroup\s", r"\1static threadgroup ", text)
     text = re.sub(r"(?m)^template \[\[host_name\(\"\w+\"\)\]\] \[\[kernel\]\] ", "template ", text)
     source = f'#include "{HERE / "metal_mock.h"}"\n' + text
