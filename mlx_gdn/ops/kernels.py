@@ -57,9 +57,9 @@ THREADGROUP_BYTES = {"metal": 32768, "cuda": 49152}  # Metal's limit; CUDA's for
 SCAN_KERNEL = "auto"
 MMA_SCAN_THREADS = 512
 # SIMD groups (16 value columns each) a threadgroup, at most, by direction. H100, nineteenth session,
-# op at (4, 4096, 16) (64 rows: 64 threadgroups of 8 on 132 SMs, 128 of 4): forward 1.30-1.33 ms with
-# 4 against 1.41-1.43 with 8; forward + backward with 4 in both directions 6.75-6.82 against
-# 6.67-6.72, with 4 forward only 6.86-6.90 against 6.72-6.86 (the backward's kernels unchanged: a
+# op at (4, 4096, 16) (64 rows: 64 threadgroups of 8 on 132 SMs, 128 of 4): forward 1.30-1.34 ms with
+# 4 against 1.41-1.45 with 8; forward + backward with 4 in both directions 6.75-6.83 against
+# 6.67-6.86, with 4 forward only 6.86-6.90 (the backward's kernels unchanged: a
 # spread between calls, not explained); (8, 2048, 32) the same either way. (At 248 registers, before
 # the scan's pointer bases, 4 was slower forward too, eighteenth session.)
 RESIDENT_SCAN_GROUPS = {"forward": 4, "reverse": 8}
@@ -93,6 +93,7 @@ CUDA_MIN_THREADGROUPS = {"chunk_grads": 3, "chunk_scan_mma": 1, "chunk_output": 
 # constant address space, and a body's SIMD-group load of it (the resident scan's, in a branch not
 # taken) does not compile there (tests/test_metal_source.py found it).
 UNREAD_Y = mx.zeros((8,))
+
 _override = None  # (backend name, factory) while use_factory is active
 _builders = {}  # get_kernel's key -> (factory, header, source)
 _compiled = {}  # the same key and the arrays' types -> the kernel
@@ -298,9 +299,9 @@ def _auto_bf16(bf16_products):
 def _resident_scan_choice(R, C, K, V, bf16_products, reverse=False):
     """_resident_scan_config's values where SCAN_KERNEL takes the resident scan for R rows (batch x
     value heads), else None. "auto" takes it only with RESIDENT_SCAN_GROUPS SIMD groups a
-    threadgroup (of the scan's direction), i.e. V a multiple of their columns (the configuration measured): V = 400
-    (gdn-1.3b) would give one, each thread staging 50 values, and ptxas spills (255 registers;
-    fifteenth session)."""
+    threadgroup (the scan's direction's), i.e. V a multiple of their columns (the configuration
+    measured): V = 400 (gdn-1.3b) would give one, each thread staging 50 values, and ptxas spills
+    (255 registers; fifteenth session)."""
     groups = RESIDENT_SCAN_GROUPS["reverse" if reverse else "forward"]
     wanted = SCAN_KERNEL == "resident" or (
         SCAN_KERNEL == "auto" and _auto_bf16(bf16_products) and V % (16 * groups) == 0
