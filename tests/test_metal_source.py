@@ -107,6 +107,7 @@ PROBE = dict(name="probe", input_names=["x", "small"], output_names=["out"],
     ("float* p = out; p[0] = 1.0f;", "cannot initialize a variable of type 'float *'"),
     ("out[0] = gdn_undefined(x[0]);", "use of undeclared identifier 'gdn_undefined'"),
     ("double d = 1.0; out[0] = d;", "unknown type name 'metal_has_no_double'"),  # no double in Metal
+    ("if constexpr (FLAG) { out[0] = 1.0f; }", "constexpr if is a C++17 extension"),  # MSL: C++14
     # 8 KB more than Metal's 32 KB of threadgroup memory with N = 8
     ("threadgroup float big[1024 * N];", "threadgroup memory over Metal's 32768 bytes"),
 ])

@@ -95,9 +95,10 @@ def clang_errors(text):
     source = f'#include "{HERE / "metal_mock.h"}"\n' + text
     headers = [(f"/metal/{h}", f'#include "{HERE / "metal_mock.h"}"\n')
                for h in ("metal_stdlib", "metal_simdgroup_matrix")]
-    unit = clang.cindex.Index.create().parse(
-        "kernel.metal.cpp", args=["-x", "c++", "-std=c++17", "-I/metal", "-Wno-unknown-attributes"],
-        unsaved_files=[("kernel.metal.cpp", source)] + headers)
+    args = ["-x", "c++", "-std=c++14", "-Werror=c++17-extensions",  # MSL is C++14-based
+            "-I/metal", "-Wno-unknown-attributes"]
+    unit = clang.cindex.Index.create().parse("kernel.metal.cpp", args=args,
+                                             unsaved_files=[("kernel.metal.cpp", source)] + headers)
     lines, errors = source.splitlines(), []
     for d in unit.diagnostics:
         if d.severity >= clang.cindex.Diagnostic.Error:
