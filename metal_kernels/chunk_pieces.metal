@@ -29,6 +29,8 @@
 // Where K and V are multiples of 8, q, k, v, W and U are read and written 8 elements a thread at a
 // time (gdn_load_vec8 / gdn_store_vec8: one 16-byte access where scalar ones took eight, each waited
 // on in turn: ncu, eighteenth session); P and KKG always.
+// The row starts of v are kept in registers, not threadgroup memory: Metal's 32 KB at C = 64 is
+// filled by the two C x C arrays (a C-element array beside them did not fit; test_metal_source.py).
 // Inputs: q, k [M,C,K]; v [M,C,V], or with V_ROWS [B,T,HV,V] (any float type); gamma, beta [M,C]
 // float32; src [N C] int32 and dims [2] int32 (B, T), read only with V_ROWS: the token at each
 // padded position of a batch row, or -1 (kernels.rows_to_chunks' map).
@@ -54,20 +56,17 @@ constexpr int X_VECS = (C * C / 8 + THREADS - 1) / THREADS;  // of a k or v bloc
 constexpr int RX = 2 * KC * TS > C * CS ? 2 * KC * TS : C * CS;
 threadgroup float x_s[RX];  // stage of q^T, k^T; then Q K^T; then T
 threadgroup float y_s[C * CS];  // K K^T, then -A; then a staged k or v block
-threadgroup uint v_s[C];  // where each row of the chunk starts in v (V_ROWS: ~0u for padding)
 const uint tid = thread_position_in_threadgroup.x;
 const int sg = (int)simdgroup_index_in_threadgroup;
 const uint m = threadgroup_position_in_grid.x;
 const uint g0 = m * C;  // the chunk's first row in gamma, beta, q, k (and v unless V_ROWS)
+const uint hv = m % HV, bv = m / HV % dims[0], nv = m / HV / dims[0];  // V_ROWS: chunk nv of row bv, head hv
 const simdgroup_float8x8 zero = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-for (int c = (int)tid; c < C; c += THREADS) {
-  if (V_ROWS) {  // chunk n of batch row b, head h
-    const uint h = m % HV, b = m / HV % dims[0], n = m / HV / dims[0];
-    const int t = src[n * C + c];
-    v_s[c] = t < 0 ? ~0u : ((b * dims[1] + t) * HV + h) * V;
-  } else {
-    v_s[c] = (g0 + c) * V;
-  }
+// where each row of the thread's step-4 vectors starts in v (V_ROWS: its token row, ~0u for padding)
+uint v_at[X_VECS];
+for (int i = 0; i < X_VECS; ++i) {
+  const int c = ((int)tid + i * THREADS) / (C / 8), t = V_ROWS && c < C ? src[nv * C + c] : 0;
+  v_at[i] = !V_ROWS ? (g0 + c) * V : t < 0 ? ~0u : ((bv * dims[1] + t) * HV + hv) * V;
 }
 
 // 1. K K^T and Q K^T, lower tiles or blocks only. SIMT: thread tile (ti, tj), ti >= tj, rows 4 ti + a,
@@ -269,8 +268,8 @@ for (int blk = 0; blk < (WU ? NKB + NVB : 0); ++blk) {
       if (e < C * C / 8 && c0 + j0 < width) {
         if (is_w) {
           k_r[i] = gdn_load_vec8(&k[(g0 + c) * K + c0 + j0]);
-        } else if (v_s[c] != ~0u) {
-          v_r[i] = gdn_load_vec8(&v[v_s[c] + c0 + j0]);
+        } else if (v_at[i] != ~0u) {
+          v_r[i] = gdn_load_vec8(&v[v_at[i] + c0 + j0]);
         }
       }
     }
@@ -279,7 +278,7 @@ for (int blk = 0; blk < (WU ? NKB + NVB : 0); ++blk) {
     for (int i = 0; i < X_VECS; ++i) {
       const int e = (int)tid + i * THREADS, c = e / (C / 8), j0 = e % (C / 8) * 8;
       if (e < C * C / 8) {
-        const bool inside = c0 + j0 < width && (is_w || v_s[c] != ~0u);
+        const bool inside = c0 + j0 < width && (is_w || v_at[i] != ~0u);
         const float b = beta[g0 + c], scale = is_w ? b * exp(gamma[g0 + c]) : b;
         for (int j = 0; j < 8; ++j) {
           y_s[c * CS + j0 + j] = inside ? (is_w ? k_r[i].get(j) : v_r[i].get(j)) * scale : 0.0f;
@@ -290,11 +289,13 @@ for (int blk = 0; blk < (WU ? NKB + NVB : 0); ++blk) {
     threadgroup_barrier(mem_flags::mem_threadgroup);  // -A, or the previous block, is no longer read
     for (int e = (int)tid; e < C * C; e += THREADS) {
       const int c = e / C, j = e % C;
+      const int t = V_ROWS ? src[nv * C + c] : 0;  // (the row start, as v_at above)
+      const uint row = !V_ROWS ? (g0 + c) * V : t < 0 ? ~0u : ((bv * dims[1] + t) * HV + hv) * V;
       float x = 0.0f;
-      if (c0 + j < width && (is_w || v_s[c] != ~0u)) {
+      if (c0 + j < width && (is_w || row != ~0u)) {
         const float b = beta[g0 + c];
         x = is_w ? static_cast<float>(k[(g0 + c) * K + c0 + j]) * (b * exp(gamma[g0 + c]))
-                 : static_cast<float>(v[v_s[c] + c0 + j]) * b;
+                 : static_cast<float>(v[row + c0 + j]) * b;
       }
       y_s[c * CS + j] = x;
     }

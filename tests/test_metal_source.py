@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 import metal_kernels
-from emulator.metal_source import MetalCheckedKernel, checked, clang_errors, kernel_source
+import mlx_gdn
+from emulator.metal_source import MetalCheckedKernel, checked, clang_errors, kernel_source, launched
+from mlx_gdn.generate import DEFAULT_MODEL
 from mlx_gdn.ops import chunk, gated_delta_rule, kernels
 from reference import make_inputs, rms_rel
 
@@ -24,6 +26,9 @@ CASES = {
                                     dict(cu_seqlens=[0, 7, 50], use_qk_l2norm_in_kernel=True),
                                     dict(SCAN_KERNEL="resident")),
     "K, V not multiples of 8": (1, 30, 1, 1, 60, 100, mx.float32, dict(use_qk_l2norm_in_kernel=True), {}),
+    # the op's default chunk size, where Metal's 32 KB binds (the C x C arrays fill it)
+    "chunks of 64, bf16, K = 64, V = 128": (1, 80, 1, 2, 64, 128, mx.bfloat16,
+                                            dict(use_qk_l2norm_in_kernel=True, chunk_size=64), {}),
 }
 
 
@@ -63,8 +68,8 @@ def test_metal_sources_of_the_op_compile_and_match_ops(metal, monkeypatch, case)
 
     def run():
         def loss(*a):
-            o, s = gated_delta_rule(*a[:5], initial_state=a[5], mode="chunk", chunk_size=16,
-                                    output_final_state=True, **kw)
+            o, s = gated_delta_rule(*a[:5], initial_state=a[5], mode="chunk", output_final_state=True,
+                                    **{"chunk_size": 16, **kw})
             return (o.astype(mx.float32) * w).sum() + s.sum(), o, s
         (_, o, s), grads = mx.value_and_grad(loss, argnums=list(range(6)))(*xs)  # grads of the first
         return [o, s] + list(grads)
@@ -91,6 +96,30 @@ def test_metal_source_of_the_decode_step_compiles_and_matches_ops(metal, dtype):
         ref = run()
     for a, b in zip(ref, got):
         assert rms_rel(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))) <= 1e-2
+
+
+def test_metal_sources_of_the_default_model_match_ops(metal):
+    # what a Mac user runs first, generate.py on the embedded model (K = 64, V = 128, two heads,
+    # bfloat16): a prefill of over 16 tokens (the chunk kernels) and two decode steps, every Metal
+    # source checked, the logits as on the MLX-ops path
+    model, tokenizer = mlx_gdn.load(DEFAULT_MODEL)
+    prompt, sample = (DEFAULT_MODEL / "SAMPLE.txt").read_text().split("\n---\n", 1)
+    ids = mx.array([tokenizer.encode(prompt + sample)[:40]])
+
+    def logits():
+        cache = model.make_cache()
+        out = [model(ids, cache=cache)[:, -1]]
+        for _ in range(2):
+            out.append(model(mx.argmax(out[-1], axis=-1)[:, None], cache=cache)[:, -1])
+        return [x.astype(mx.float32) for x in out]
+
+    start = len(launched)
+    got = logits()
+    assert set(launched[start:]) >= {"decode_step", "chunk_pieces", "chunk_scan"}
+    with kernels.use_factory("ops", None):
+        ref = logits()
+    for a, b in zip(ref, got):
+        assert rms_rel(np.array(a), np.array(b)) <= 1e-2
 
 
 PROBE = dict(name="probe", input_names=["x", "small"], output_names=["out"],

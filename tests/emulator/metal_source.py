@@ -36,6 +36,7 @@ ATTRIBUTES = {"dispatch_quadgroups_per_threadgroup": "uint", "dispatch_simdgroup
               "threadgroup_position_in_grid": "uint3", "threadgroups_per_grid": "uint3",
               "threads_per_grid": "uint3", "threads_per_simdgroup": "uint", "threads_per_threadgroup": "uint3"}
 checked = {}  # kernel name -> the Metal sources that passed
+launched = []  # the kernel of each launch, in order
 
 
 def _template_value(value):
@@ -114,6 +115,7 @@ class MetalCheckedKernel(EmulatedKernel):
 
     def __call__(self, inputs, output_shapes, output_dtypes, grid, threadgroup, template=(), **launch):
         inputs = [x if isinstance(x, mx.array) else mx.array(x) for x in inputs]
+        launched.append(self.name.rsplit("_", 1)[0])
         text = kernel_source(self.name, self.input_names, self.output_names, self.source,
                                 metal_kernels.prelude("metal"), inputs, output_dtypes, template)
         if text not in checked.get(self.name, ()):
