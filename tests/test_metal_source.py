@@ -87,11 +87,11 @@ def test_metal_sources_of_the_op_compile_and_match_ops(metal, monkeypatch, case)
         assert rms_rel(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))) <= tol, i
 
 
-@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_metal_source_of_the_decode_step_compiles_and_matches_ops(metal, dtype):
+@pytest.mark.parametrize("dtype,K,V", [(mx.float32, 32, 32), (mx.bfloat16, 32, 32), (mx.bfloat16, 200, 400)])
+def test_metal_source_of_the_decode_step_compiles_and_matches_ops(metal, dtype, K, V):
     # 2 heads: A_log and dt_bias under 8 elements, which MLX passes in Metal's constant address space
-    xs, kw = _inputs(1, 1, 1, 2, 32, 32, dtype, dict(use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
-                                                     use_qk_l2norm_in_kernel=True))
+    xs, kw = _inputs(1, 1, 1, 2, K, V, dtype, dict(use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+                                                   use_qk_l2norm_in_kernel=True))
     run = lambda: gated_delta_rule(*xs[:5], initial_state=xs[5], mode="recurrent", output_final_state=True, **kw)
     got = run()
     assert any(n.startswith("decode_step") for n in checked)
