@@ -29,6 +29,10 @@ CASES = {
     # the op's default chunk size, where Metal's 32 KB binds (the C x C arrays fill it)
     "chunks of 64, bf16, K = 64, V = 128": (1, 80, 1, 2, 64, 128, mx.bfloat16,
                                             dict(use_qk_l2norm_in_kernel=True, chunk_size=64), {}),
+    # as train.py runs the embedded model: packed sequences, the forward's pieces kept for the backward
+    "training: packed, kept pieces": (1, 90, 1, 2, 64, 128, mx.bfloat16,
+                                      dict(cu_seqlens=[0, 20, 90], use_qk_l2norm_in_kernel=True, chunk_size=64,
+                                           keep_chunk_pieces=True), {}),
     # the head sizes of the 0.4B and 1.3B presets (K = 128, V = 256; K = 200, V = 400)
     "gdn-0.4b heads": (1, 70, 1, 1, 128, 256, mx.bfloat16, dict(use_qk_l2norm_in_kernel=True, chunk_size=64), {}),
     "gdn-1.3b heads": (1, 70, 1, 1, 200, 400, mx.bfloat16, dict(use_qk_l2norm_in_kernel=True, chunk_size=64), {}),
