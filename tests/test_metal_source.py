@@ -25,6 +25,10 @@ CASES = {
     "resident scan, fp16, varlen": (1, 50, 1, 1, 32, 32, mx.float16,
                                     dict(cu_seqlens=[0, 7, 50], use_qk_l2norm_in_kernel=True),
                                     dict(SCAN_KERNEL="resident")),
+    "8x8 scan at chunks of 64": (1, 70, 1, 1, 64, 128, mx.float32, dict(chunk_size=64),
+                                 dict(SCAN_KERNEL="mma")),
+    "resident scan at chunks of 64": (1, 70, 1, 1, 64, 128, mx.float32, dict(chunk_size=64),
+                                      dict(SCAN_KERNEL="resident")),
     "K, V not multiples of 8": (1, 30, 1, 1, 60, 100, mx.float32, dict(use_qk_l2norm_in_kernel=True), {}),
     # the op's default chunk size, where Metal's 32 KB binds (the C x C arrays fill it)
     "chunks of 64, bf16, K = 64, V = 128": (1, 80, 1, 2, 64, 128, mx.bfloat16,
