@@ -89,11 +89,6 @@ PADDED_STRIDES = {"cuda": True}  # threadgroup arrays padded against CUDA's shar
 # 7-11% faster (H100, seventeenth session).
 CUDA_MIN_THREADGROUPS = {"chunk_grads": 3, "chunk_scan_mma": 1, "chunk_output": 2, "chunk_pieces": 4}
 
-# Y when the scan has none (unread, HAS_Y false). 8 elements: Metal passes an array of fewer in its
-# constant address space, and a body's SIMD-group load of it (the resident scan's, in a branch not
-# taken) does not compile there (tests/test_metal_source.py found it).
-UNREAD_Y = mx.zeros((8,))
-
 _override = None  # (backend name, factory) while use_factory is active
 _builders = {}  # get_kernel's key -> (factory, header, source)
 _compiled = {}  # the same key and the arrays' types -> the kernel
@@ -334,9 +329,12 @@ def _scan(A, X, Bm, Y, gamma, h_in, segments, reverse, bf16_products, state_dtyp
         at_once = SCAN_RESIDENT.get(backend())  # threadgroups that run at once
         wide = at_once is not None and R * -(-V // SCAN_TILE) > at_once
         tile, rows = _scan_tiles(K, C, threads, limit, 2 * SCAN_TILE if wide else SCAN_TILE)
+    # Y when the scan has none (unread): 8 elements, as Metal passes an array of fewer in its constant
+    # address space, where the resident scan's SIMD-group load of it (in a branch not taken) does not
+    # compile (tests/test_metal_source.py found it)
     has_y = Y is not None
     states, x_new, h_out = get_kernel(name, threads, bool(in_registers and bf16_products))(
-        inputs=[A, X, Bm, Y if has_y else UNREAD_Y, gamma.reshape(N, R, C), h_in,
+        inputs=[A, X, Bm, Y if has_y else zeros(8), gamma.reshape(N, R, C), h_in,
                 *_scan_flags(segments, N, reverse), mx.array([N, R], dtype=mx.int32)],
         template=[("K", K), ("V", V), ("C", C), ("THREADS", threads), ("REVERSE", reverse),
                   ("HAS_Y", has_y), *(() if in_registers else (("BV", tile), ("CB", rows))),
@@ -629,7 +627,7 @@ def constant(key, make):
 
 
 def zeros(n):
-    """float32 zeros of length n (absent gate parameters)."""
+    """float32 zeros of length n (absent gate parameters, the scans' unread Y)."""
     return constant(("zeros", n), lambda: mx.zeros((n,)))
 
 

@@ -117,7 +117,7 @@ class MetalCheckedKernel(EmulatedKernel):
         inputs = [x if isinstance(x, mx.array) else mx.array(x) for x in inputs]
         launched.append(self.name.rsplit("_", 1)[0])
         text = kernel_source(self.name, self.input_names, self.output_names, self.source,
-                                metal_kernels.prelude("metal"), inputs, output_dtypes, template)
+                             metal_kernels.prelude("metal"), inputs, output_dtypes, template)
         if text not in checked.get(self.name, ()):
             errors = clang_errors(text)
             if errors:
