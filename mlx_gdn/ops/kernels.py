@@ -331,10 +331,12 @@ def _scan(A, X, Bm, Y, gamma, h_in, segments, reverse, bf16_products, state_dtyp
         tile, rows = _scan_tiles(K, C, threads, limit, 2 * SCAN_TILE if wide else SCAN_TILE)
     # Y when the scan has none (unread): 8 elements, as Metal passes an array of fewer in its constant
     # address space, where the resident scan's SIMD-group load of it (in a branch not taken) does not
-    # compile (tests/test_metal_source.py found it)
+    # compile (tests/test_metal_source.py found it). Its own constant, not zeros(8): that one may be
+    # an input of the compiled chunked function (absent gate parameters, 8 value heads), and MLX
+    # refuses to compile a function that reads one of its inputs from a closure as well.
     has_y = Y is not None
     states, x_new, h_out = get_kernel(name, threads, bool(in_registers and bf16_products))(
-        inputs=[A, X, Bm, Y if has_y else zeros(8), gamma.reshape(N, R, C), h_in,
+        inputs=[A, X, Bm, Y if has_y else constant("unread Y", lambda: mx.zeros((8,))), gamma.reshape(N, R, C), h_in,
                 *_scan_flags(segments, N, reverse), mx.array([N, R], dtype=mx.int32)],
         template=[("K", K), ("V", V), ("C", C), ("THREADS", threads), ("REVERSE", reverse),
                   ("HAS_Y", has_y), *(() if in_registers else (("BV", tile), ("CB", rows))),
@@ -627,7 +629,7 @@ def constant(key, make):
 
 
 def zeros(n):
-    """float32 zeros of length n (absent gate parameters, the scans' unread Y)."""
+    """float32 zeros of length n (absent gate parameters)."""
     return constant(("zeros", n), lambda: mx.zeros((n,)))
 
 
