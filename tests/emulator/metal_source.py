@@ -5,8 +5,9 @@ Metal attributes the body names, the explicit instantiation), then parsed by cla
 metal_mock.h, a stand-in for the Metal standard library as the MSL specification declares it.
 Type and overload errors (address spaces, a float matrix loaded from bfloat16 memory, a helper
 the prelude lacks, a template value that does not fit) fail here as they would in Metal's compiler,
-and so do threadgroup arrays over Metal's 32 KB at the launch's template values;
-what only the GPU decides (codegen, limits, speed) is not checked.
+and so do threadgroup arrays over Metal's 32 KB at the launch's template values, and launches of
+more than 1024 threads a threadgroup; what only the GPU decides (codegen, a pipeline's lower thread
+limit, speed) is not checked.
 
     kernel = MetalCheckedKernel(name, input_names, output_names, source)   # as EmulatedKernel
     outs = kernel(inputs=[...], template=[...], grid=..., threadgroup=..., ...)
@@ -25,6 +26,7 @@ MLX_TYPES = {mx.float32: "float", mx.float16: "float16_t", mx.bfloat16: "bfloat1
              mx.uint32: "uint32_t", mx.bool_: "bool"}
 CONSTANT_BELOW = 8  # MLX passes inputs of fewer elements in the constant address space
 THREADGROUP_LIMIT = 32768  # bytes of threadgroup memory a Metal kernel may declare
+THREADS_LIMIT = 1024  # threads a Metal threadgroup may have (Apple GPUs; fewer for a heavy pipeline)
 # MLX's Metal attributes: each is a kernel argument where the body's text contains its name
 ATTRIBUTES = {"dispatch_quadgroups_per_threadgroup": "uint", "dispatch_simdgroups_per_threadgroup": "uint",
               "dispatch_threads_per_threadgroup": "uint3", "grid_origin": "uint3", "grid_size": "uint3",
@@ -116,6 +118,9 @@ class MetalCheckedKernel(EmulatedKernel):
     def __call__(self, inputs, output_shapes, output_dtypes, grid, threadgroup, template=(), **launch):
         inputs = [x if isinstance(x, mx.array) else mx.array(x) for x in inputs]
         launched.append(self.name.rsplit("_", 1)[0])
+        threads = threadgroup[0] * threadgroup[1] * threadgroup[2]
+        if threads > THREADS_LIMIT:
+            raise RuntimeError(f"{self.name}: a threadgroup of {threads} threads, over Metal's {THREADS_LIMIT}")
         text = kernel_source(self.name, self.input_names, self.output_names, self.source,
                              metal_kernels.prelude("metal"), inputs, output_dtypes, template)
         if text not in checked.get(self.name, ()):
