@@ -4,7 +4,9 @@ On Metal and CUDA the chunked op runs under mx.compile with the kernels as graph
 emulator runs each kernel at once, which tracing cannot do, so its tests turn compilation off.
 Here each kernel is replaced by MLX ops that read every input and return the output shapes, so
 that mx.compile traces the same arguments and closures as on a GPU (the values are not the
-point: the emulator and GPU tests check them). MLX refuses a compiled function that reads one of
+point: the emulator and GPU tests check them): the op's own compiled forward (with and without a
+gradient), a caller's compiled decode step, and a training step compiled whole over packed
+sequences, as train.py runs it. MLX refuses a compiled function that reads one of
 its own inputs from a closure as well: the scans' unread Y was once kernels.zeros(8), also the
 absent gate parameters' input with 8 value heads (found on the H100, not here, before this test).
 """
@@ -64,3 +66,33 @@ def test_kernel_path_traces_under_compile(tracing, with_grads):
     for kernel in ("chunk_pieces", "chunk_scan", "chunk_output") + (("chunk_grads",) if with_grads else ()):
         assert any(name.startswith(kernel) for name in TracingKernel.traced), TracingKernel.traced
     assert len(gated_delta._whole_op_fns) == 1  # it ran compiled (traced anew for the second shapes)
+
+
+def test_decode_step_traces_under_compile(tracing):
+    # a caller's compiled decode step (a model's), absent gate parameters as inputs at 8 value heads
+    for HV in (4, 8):
+        data = {n: mx.array(x) for n, x in make_inputs(6, 2, 3, 2, HV, 32, h0=True, n_states=2).items()}
+        step = mx.compile(lambda q, k, v, g, beta, h: gated_delta_rule(
+            q, k, v, g, beta, initial_state=h, output_final_state=True, mode="recurrent"))
+        o, s = step(data["q"], data["k"], data["v"], data["g"], data["beta"], data["initial_state"])
+        mx.eval(o, s)
+        assert o.shape == data["v"].shape and s.shape == (2, HV, 32, 32)
+    assert any(name.startswith("decode_step") for name in TracingKernel.traced), TracingKernel.traced
+
+
+def test_packed_training_step_traces_under_compile(tracing):
+    # as train.py compiles its step: value_and_grad under mx.compile, packed sequences
+    for HV in (4, 8):
+        data = {n: mx.array(x) for n, x in make_inputs(7, 1, 60, 2, HV, 32, h0=True, n_states=3).items()}
+        cu = mx.array([0, 9, 40, 60])
+
+        def loss(q, k, v):
+            o, s = gated_delta_rule(q, k, v, data["g"], data["beta"], initial_state=data["initial_state"],
+                                    output_final_state=True, cu_seqlens=cu, chunk_size=16)
+            return (o * o).sum() + s.sum()
+
+        value, grads = mx.compile(mx.value_and_grad(loss, argnums=(0, 1, 2)))(data["q"], data["k"], data["v"])
+        mx.eval(value, grads)
+        assert [g.shape for g in grads] == [data[n].shape for n in "qkv"]
+    for kernel in ("chunk_pieces", "chunk_scan", "chunk_grads", "rows_to_chunks"):
+        assert any(name.startswith(kernel) for name in TracingKernel.traced), TracingKernel.traced
