@@ -17,7 +17,7 @@ import mlx_gdn
 from mlx_gdn.generate import DEFAULT_MODEL, chat_prompt, generate_batch, stream_generate
 
 
-def main(argv=None):
+def parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(DEFAULT_MODEL),
                    help="converted model directory or hub id (default: the embedded model)")
@@ -28,15 +28,25 @@ def main(argv=None):
     p.add_argument("--no-chat-template", action="store_true", help="use the prompt as it is")
     p.add_argument("--max-context", type=int, default=None,
                    help="longest prompt + generation (default: the config's max_position_embeddings)")
-    p.add_argument("--max-tokens", "-m", type=int, default=100)
-    p.add_argument("--temp", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", "-m", type=int, default=100,
+                   help="tokens to generate (default: %(default)s)")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=0.0,
+                   help="nucleus sampling: the smallest set of tokens of this total probability (0: off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens below this fraction of the likeliest's probability (0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="penalize tokens already in the prompt or generated, as mlx-lm does "
+                        "(> 1 discourages repeats)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     p.add_argument("--verbose", action="store_true", help="prompt/generation tokens per second, memory")
+    return p
+
+
+def main(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     if (args.prompt is None) == (args.prompts_file is None):
         p.error("give --prompt or --prompts-file (one of them)")

@@ -13,18 +13,23 @@ import sys
 from mlx_gdn.train import DataError, TrainConfig, train
 
 
-def main(argv=None):
+def parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
+    for field in dataclasses.fields(TrainConfig):  # the flags, their defaults and help: TrainConfig's
+        flag, help = "--" + field.name.replace("_", "-"), field.metadata["help"]
         if field.type is bool or field.type == "bool":
-            p.add_argument(flag, action="store_true")
+            p.add_argument(flag, action="store_true", help=help)
         elif field.default is dataclasses.MISSING:
-            p.add_argument(flag, required=True)
+            p.add_argument(flag, required=True, help=help)
         else:
             kind = type(field.default) if field.default is not None else str
-            p.add_argument(flag, type=kind, default=field.default)
-    cfg = TrainConfig(**vars(p.parse_args(argv)))
+            shown = "" if field.default is None else " (default: %(default)s)"
+            p.add_argument(flag, type=kind, default=field.default, help=help + shown)
+    return p
+
+
+def main(argv=None):
+    cfg = TrainConfig(**vars(parser().parse_args(argv)))
     try:
         train(cfg)
     except (DataError, ValueError, FileNotFoundError, FloatingPointError) as err:
