@@ -14,9 +14,9 @@ from .ops import gated_delta_rule
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens (default: %(default)s)")
+    parser.add_argument("--heads", type=int, default=4, help="heads (default: %(default)s)")
+    parser.add_argument("--head-dim", type=int, default=64, help="key and value head size (default: %(default)s)")
     args = parser.parse_args(argv)
     T, H, D = args.seq_len, args.heads, args.head_dim
     mx.random.seed(0)
