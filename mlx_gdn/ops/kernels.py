@@ -335,8 +335,9 @@ def _scan(A, X, Bm, Y, gamma, h_in, segments, reverse, bf16_products, state_dtyp
     # an input of the compiled chunked function (absent gate parameters, 8 value heads), and MLX
     # refuses to compile a function that reads one of its inputs from a closure as well.
     has_y = Y is not None
+    y = Y if has_y else constant("unread Y", lambda: mx.zeros((8,)))
     states, x_new, h_out = get_kernel(name, threads, bool(in_registers and bf16_products))(
-        inputs=[A, X, Bm, Y if has_y else constant("unread Y", lambda: mx.zeros((8,))), gamma.reshape(N, R, C), h_in,
+        inputs=[A, X, Bm, y, gamma.reshape(N, R, C), h_in,
                 *_scan_flags(segments, N, reverse), mx.array([N, R], dtype=mx.int32)],
         template=[("K", K), ("V", V), ("C", C), ("THREADS", threads), ("REVERSE", reverse),
                   ("HAS_Y", has_y), *(() if in_registers else (("BV", tile), ("CB", rows))),
