@@ -23,6 +23,8 @@ RUNS = {
                           "--new-tokens", "3"],
     "bench_model_gpu.py": ["--presets", "tiny-gdn", "--seq-len", "64", "--prompt", "8", "--new-tokens", "3",
                            "--gen-batch", "2", "--no-fla", "--rounds", "2", "--keep-chunk-pieces"],
+    # on the CPU: the decode rows only (the op's shapes are GPU-sized), fla absent
+    "bench_gpu.py": ["--shapes", "none", "--rounds", "1"],
     "ab_settings.py": ["--variant", "f32", "FACTORS_IN_BF16=0", "QK_IN_BF16=0", "--variant", "shipped",
                        "--shapes", "1,64,2", "--rounds", "1"],
 }
