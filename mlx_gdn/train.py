@@ -33,45 +33,45 @@ from .layers.gated_deltanet import GatedDeltaNet
 from .models import PRESETS, Model, ModelArgs, load_model, save_model
 
 
-def _opt(default, help):
+def _flag(default, help):
     """A TrainConfig field: its default and the help train.py's flag shows."""
     return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
-    model: str = _opt(dataclasses.MISSING, f"a converted model directory or hub id, or a preset to "
+    model: str = _flag(dataclasses.MISSING, f"a converted model directory or hub id, or a preset to "
                                            f"train from scratch ({', '.join(PRESETS)})")
-    data: str = _opt(dataclasses.MISSING, "a .txt or .jsonl file, or a directory with train.jsonl "
+    data: str = _flag(dataclasses.MISSING, "a .txt or .jsonl file, or a directory with train.jsonl "
                                           "(and valid.jsonl for a validation loss)")
-    out: str = _opt(dataclasses.MISSING, "run directory: model/, checkpoint/, log.jsonl, loss.png")
-    tokenizer: Optional[str] = _opt(None, "for a preset: a tokenizer.model or tokenizer.json file")
-    seq_len: int = _opt(256, "tokens a row (documents packed into rows; they never see each other)")
-    batch_size: int = _opt(8, "rows a micro-batch")
-    iters: int = _opt(100, "optimizer steps (unless --epochs)")
-    lr: float = _opt(1e-3, "peak learning rate (AdamW)")
-    warmup: int = _opt(10, "steps of linear warmup, then cosine decay")
-    min_lr_ratio: float = _opt(0.1, "the cosine decay's final learning rate, a fraction of --lr")
-    weight_decay: float = _opt(0.01, "AdamW's (none on A_log, dt_bias, D and norms, as fla)")
-    grad_clip: float = _opt(1.0, "clip the gradients' global norm to this (0: no clipping)")
-    seed: int = _opt(0, "data order, a preset's initial weights, LoRA's initial adapters")
-    save_every: int = _opt(50, "steps between checkpoints (written atomically; the last step always)")
-    eval_every: int = _opt(50, "steps between validation losses (with valid.jsonl)")
-    resume: bool = _opt(False, "continue from OUT/checkpoint exactly where it stopped")
-    epochs: int = _opt(0, "> 0: train this many passes over the rows (overrides --iters)")
-    grad_accum: int = _opt(1, "micro-batches of --batch-size rows per optimizer step")
-    grad_checkpoint: bool = _opt(False, "recompute each block's activations in the backward: less memory")
-    dtype: str = _opt("float32", "float32 or bfloat16 (weights and activations; A_log / dt_bias and "
+    out: str = _flag(dataclasses.MISSING, "run directory: model/, checkpoint/, log.jsonl, loss.png")
+    tokenizer: Optional[str] = _flag(None, "for a preset: a tokenizer.model or tokenizer.json file")
+    seq_len: int = _flag(256, "tokens a row (documents packed into rows; they never see each other)")
+    batch_size: int = _flag(8, "rows a micro-batch")
+    iters: int = _flag(100, "optimizer steps (unless --epochs)")
+    lr: float = _flag(1e-3, "peak learning rate (AdamW)")
+    warmup: int = _flag(10, "steps of linear warmup, then cosine decay")
+    min_lr_ratio: float = _flag(0.1, "the cosine decay's final learning rate, a fraction of --lr")
+    weight_decay: float = _flag(0.01, "AdamW's (none on A_log, dt_bias, D and norms, as fla)")
+    grad_clip: float = _flag(1.0, "clip the gradients' global norm to this (0: no clipping)")
+    seed: int = _flag(0, "data order, a preset's initial weights, LoRA's initial adapters")
+    save_every: int = _flag(50, "steps between checkpoints (written atomically; the last step always)")
+    eval_every: int = _flag(50, "steps between validation losses (with valid.jsonl)")
+    resume: bool = _flag(False, "continue from OUT/checkpoint exactly where it stopped")
+    epochs: int = _flag(0, "> 0: train this many passes over the rows (overrides --iters)")
+    grad_accum: int = _flag(1, "micro-batches of --batch-size rows per optimizer step")
+    grad_checkpoint: bool = _flag(False, "recompute each block's activations in the backward: less memory")
+    dtype: str = _flag("float32", "float32 or bfloat16 (weights and activations; A_log / dt_bias and "
                                  "the op's states stay float32)")
-    lora_rank: int = _opt(0, "> 0: LoRA adapters of this rank instead of full fine-tuning")
-    lora_alpha: float = _opt(16.0, "LoRA scale numerator (scale = alpha / rank)")
-    lora_layers: int = _opt(-1, "LoRA adapters in the last N blocks (-1: all)")
-    lora_keys: str = _opt(",".join(DEFAULT_KEYS), "the linear layers that get adapters, comma-separated")
-    fuse: bool = _opt(False, "LoRA: write the model with the adapters merged into the weights")
-    no_compile: bool = _opt(False, "run every step op by op (no mx.compile; slower, for debugging)")
+    lora_rank: int = _flag(0, "> 0: LoRA adapters of this rank instead of full fine-tuning")
+    lora_alpha: float = _flag(16.0, "LoRA scale numerator (scale = alpha / rank)")
+    lora_layers: int = _flag(-1, "LoRA adapters in the last N blocks (-1: all)")
+    lora_keys: str = _flag(",".join(DEFAULT_KEYS), "the linear layers that get adapters, comma-separated")
+    fuse: bool = _flag(False, "LoRA: write the model with the adapters merged into the weights")
+    no_compile: bool = _flag(False, "run every step op by op (no mx.compile; slower, for debugging)")
     # the Gated DeltaNet op keeps its per-chunk pieces for the backward: faster, more memory (H100 /
     # gdn-0.4b at 8192 tokens: see benchmarks/RESULTS.md, twelfth session)
-    keep_chunk_pieces: bool = _opt(False, "the op keeps its chunk pieces for the backward: faster on a "
+    keep_chunk_pieces: bool = _flag(False, "the op keeps its chunk pieces for the backward: faster on a "
                                           "GPU, more memory")
 
 
