@@ -41,9 +41,9 @@ def _flag(default, help):
 @dataclass
 class TrainConfig:
     model: str = _flag(dataclasses.MISSING, f"a converted model directory or hub id, or a preset to "
-                                           f"train from scratch ({', '.join(PRESETS)})")
+                                            f"train from scratch ({', '.join(PRESETS)})")
     data: str = _flag(dataclasses.MISSING, "a .txt or .jsonl file, or a directory with train.jsonl "
-                                          "(and valid.jsonl for a validation loss)")
+                                           "(and valid.jsonl for a validation loss)")
     out: str = _flag(dataclasses.MISSING, "run directory: model/, checkpoint/, log.jsonl, loss.png")
     tokenizer: Optional[str] = _flag(None, "for a preset: a tokenizer.model or tokenizer.json file")
     seq_len: int = _flag(256, "tokens a row (documents packed into rows; they never see each other)")
@@ -62,7 +62,7 @@ class TrainConfig:
     grad_accum: int = _flag(1, "micro-batches of --batch-size rows per optimizer step")
     grad_checkpoint: bool = _flag(False, "recompute each block's activations in the backward: less memory")
     dtype: str = _flag("float32", "float32 or bfloat16 (weights and activations; A_log / dt_bias and "
-                                 "the op's states stay float32)")
+                                  "the op's states stay float32)")
     lora_rank: int = _flag(0, "> 0: LoRA adapters of this rank instead of full fine-tuning")
     lora_alpha: float = _flag(16.0, "LoRA scale numerator (scale = alpha / rank)")
     lora_layers: int = _flag(-1, "LoRA adapters in the last N blocks (-1: all)")
@@ -72,7 +72,7 @@ class TrainConfig:
     # the Gated DeltaNet op keeps its per-chunk pieces for the backward: faster, more memory (H100 /
     # gdn-0.4b at 8192 tokens: see benchmarks/RESULTS.md, twelfth session)
     keep_chunk_pieces: bool = _flag(False, "the op keeps its chunk pieces for the backward: faster on a "
-                                          "GPU, more memory")
+                                           "GPU, more memory")
 
 
 # The loss runs over blocks of about this many logits, each block's logits made again in the
